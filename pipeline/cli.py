@@ -1,0 +1,130 @@
+"""`llava-batch run|status|tiny-model|quantize|score`.
+
+Exit codes: 0 done (row errors are counted, not fatal, unless run.max_error_rate is exceeded),
+2 bad arguments or configuration (one line on stderr, nothing written), 1 anything else.
+Heavy imports (torch, transformers) happen inside the commands so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors are usage errors: one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _cmd_run(args) -> int:
+    from pipeline.config import load_job
+    from pipeline.job import run_job
+
+    summary = run_job(load_job(args.job, args.set or []))
+    print(summary.line())
+    return summary.exit_code
+
+
+def _cmd_status(args) -> int:
+    from pipeline.output import read_status
+
+    status = read_status(args.out_dir)
+    if args.json:
+        print(json.dumps(status))
+    else:
+        print(f"{status['done']}/{status['rows']} rows done ({status['ok']} ok, {status['errors']} errors); "
+              f"{status['shards_complete']}/{status['shards']} shards complete")
+    return 0
+
+
+def _cmd_tiny_model(args) -> int:
+    from pipeline.tiny_model import build_tiny_model
+
+    path = build_tiny_model(args.out_dir, args.family, preset=args.preset, seed=args.seed,
+                            image_size=args.image_size, chat_template=not args.no_chat_template)
+    print(path)
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from quant import quantize
+
+    print(quantize(args.src, args.dst, backend=args.backend, names=args.names, overwrite=args.overwrite))
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from pipeline.score import cli
+
+    return cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="llava-batch", description="Caption images and videos with LLaVA-family models, "
+                     "Parquet manifest in, Parquet captions out, exactly-once resume.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="run, or resume, a job")
+    p.add_argument("job", help="job file (TOML)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a job setting")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="rows done / errors / shards complete of an output dir")
+    p.add_argument("out_dir")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("tiny-model", help="write a random-weight model in llava-hf layout (tests, demos, benchmarks)")
+    p.add_argument("out_dir")
+    p.add_argument("--family", required=True, choices=["llava", "llava_next", "llava_next_video"])
+    p.add_argument("--preset", default="test", choices=["test", "bench"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=None, help="vision tower input size (patch 14)")
+    p.add_argument("--no-chat-template", action="store_true", help="write no chat template")
+    p.set_defaults(func=_cmd_tiny_model)
+
+    p = sub.add_parser("quantize", help="convert a llava-hf model dir to W8A16 (msModelSlim ascendV1 layout)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--backend", default="auto", choices=["auto", "msmodelslim", "builtin"])
+    p.add_argument("--names", default="hf", choices=["hf", "legacy"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_quantize)
+
+    try:
+        from pipeline.score import add_parser as add_score
+    except ImportError:
+        add_score = None
+    if add_score:
+        add_score(sub)
+        sub.choices["score"].set_defaults(func=_cmd_score)
+    return parser
+
+
+def _expected_errors() -> tuple[type, ...]:
+    from pipeline.config import ConfigError
+
+    errors = [ConfigError]
+    for module, name in (("quant", "QuantError"), ("pipeline.score", "ScoreError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _expected_errors() as e:
+        print(f"llava-batch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llava-batch: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

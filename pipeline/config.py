@@ -1,0 +1,216 @@
+"""Job configuration: TOML in, one validated `JobConfig` out.
+
+Every user mistake becomes a `ConfigError` naming the key, raised before any work is done;
+the CLI turns it into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad arguments or configuration: reported as one line, exit code 2."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class InputConfig:
+    manifest: list[str] = field(default_factory=list)
+    path_column: str | None = "path"
+    bytes_column: str | None = None
+    kind_column: str | None = None
+    prompt_column: str | None = None
+    id_column: str | None = None
+    media_root: str | None = None
+    # Pillow's own default bomb threshold; per job so huge scans can opt in.
+    max_image_pixels: int = 89_478_485
+
+
+@dataclass
+class GenerationConfig:
+    prompt: str = "Describe this image in one sentence."
+    max_batch_size: int = 8
+    max_input_length: int = 4096
+    max_output_length: int = 128
+    video_frames: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    engine: str = "hf"
+
+
+@dataclass
+class OutputConfig:
+    dir: str = ""
+    rows_per_shard: int = 1000
+    chunk_rows: int = 100
+    mode: str = "resume"
+
+
+@dataclass
+class RunConfig:
+    max_error_rate: float = 1.0
+    decode_workers: int = 4
+    progress: bool = True
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(JobConfig))
+
+# Settings that change what a caption is; a resume with different values would mix two jobs.
+FINGERPRINT_KEYS = {
+    "model": ("path", "dtype", "trust_remote_code"),
+    "input": ("path_column", "bytes_column", "kind_column", "prompt_column", "id_column", "media_root",
+              "max_image_pixels"),
+    "generation": ("prompt", "max_input_length", "max_output_length", "video_frames", "do_sample",
+                   "temperature", "top_p", "seed"),
+    "output": ("rows_per_shard", "chunk_rows"),
+}
+
+
+def load_job(path: str | os.PathLike, overrides: list[str] = ()) -> JobConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"job file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"job file {path} is not valid TOML: {e}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = from_dict(raw)
+    resolve_paths(cfg, path.resolve().parent)
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`section.key=value`; the value is parsed as TOML, falling back to a bare string."""
+    key, sep, text = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    raw.setdefault(section, {})[name] = value
+
+
+def from_dict(raw: dict) -> JobConfig:
+    cfg = JobConfig()
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        target = getattr(cfg, section)
+        hints = typing.get_type_hints(type(target))
+        for key, value in values.items():
+            if key not in hints:
+                known = ", ".join(hints)
+                raise ConfigError(f"unknown key {section}.{key} (known: {known})")
+            setattr(target, key, _coerce(f"{section}.{key}", value, hints[key]))
+    return cfg
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the dataclass annotation; accept a lone string for list[str]."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and value is None and type(None) in args:
+        return None
+    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+    if typing.get_origin(base) is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a string or a list of strings, got {value!r}")
+        return value
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, bool) or not isinstance(value, base):
+        raise ConfigError(f"{name} must be {base.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _is_uri(text: str) -> bool:
+    return "://" in text
+
+
+def resolve_paths(cfg: JobConfig, base: Path) -> None:
+    """Relative paths in a job file mean relative to the job file's folder."""
+
+    def resolve(p: str) -> str:
+        if not p or _is_uri(p):
+            return p
+        return str((base / os.path.expanduser(p)).resolve())
+
+    cfg.model.path = resolve(cfg.model.path)
+    cfg.input.manifest = [resolve(m) for m in cfg.input.manifest]
+    if cfg.input.media_root:
+        cfg.input.media_root = resolve(cfg.input.media_root)
+    cfg.output.dir = resolve(cfg.output.dir)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: JobConfig) -> None:
+    m, i, g, o, r = cfg.model, cfg.input, cfg.generation, cfg.output, cfg.run
+    _require(bool(m.path), "model.path is required")
+    _require(m.dtype in ("auto", "float16", "bfloat16", "float32"),
+             f"model.dtype must be auto|float16|bfloat16|float32, got {m.dtype!r}")
+    _require(m.device == "auto" or m.device.split(":")[0] in ("cpu", "cuda", "npu"),
+             f"model.device must be auto|cpu|cuda[:i]|npu[:i], got {m.device!r}")
+    _require(bool(i.manifest), "input.manifest is required")
+    _require(bool(i.path_column or i.bytes_column), "input.path_column or input.bytes_column is required")
+    _require(i.max_image_pixels > 0, "input.max_image_pixels must be > 0")
+    _require(g.max_batch_size >= 1, f"generation.max_batch_size must be >= 1, got {g.max_batch_size}")
+    _require(g.max_input_length >= 1, f"generation.max_input_length must be >= 1, got {g.max_input_length}")
+    _require(g.max_output_length >= 1, f"generation.max_output_length must be >= 1, got {g.max_output_length}")
+    _require(g.video_frames >= 1, f"generation.video_frames must be >= 1, got {g.video_frames}")
+    _require(g.temperature > 0, f"generation.temperature must be > 0, got {g.temperature}")
+    _require(0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
+    _require(g.engine in ("hf",), f"generation.engine must be 'hf', got {g.engine!r}")
+    _require(bool(g.prompt.strip()) or bool(i.prompt_column), "generation.prompt must not be empty")
+    _require(bool(o.dir), "output.dir is required")
+    _require(o.rows_per_shard >= 1, f"output.rows_per_shard must be >= 1, got {o.rows_per_shard}")
+    _require(1 <= o.chunk_rows <= o.rows_per_shard,
+             f"output.chunk_rows must be in [1, rows_per_shard={o.rows_per_shard}], got {o.chunk_rows}")
+    _require(o.mode in ("resume", "overwrite"), f"output.mode must be resume|overwrite, got {o.mode!r}")
+    _require(0 <= r.max_error_rate <= 1, f"run.max_error_rate must be in [0, 1], got {r.max_error_rate}")
+    _require(r.decode_workers >= 1, f"run.decode_workers must be >= 1, got {r.decode_workers}")
+
+
+def fingerprint_view(config: dict) -> dict:
+    """The part of a resolved config that must match for a resume to be the same job."""
+    return {s: {k: config[s][k] for k in keys} for s, keys in FINGERPRINT_KEYS.items()}

@@ -1,0 +1,98 @@
+"""The only module that knows about npu / cuda / cpu.
+
+torch_npu is imported here and nowhere else, and only on an Ascend host: installing it without
+CANN makes `import torch` itself fail, so its mere presence is no proof it can be used.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError
+
+_ASCEND_ENV = ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME", "ASCEND_OPP_PATH")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def is_ascend_host() -> bool:
+    return any(os.environ.get(v) for v in _ASCEND_ENV) or Path("/usr/local/Ascend").is_dir()
+
+
+@functools.cache
+def torch_npu():
+    """The torch_npu module on an Ascend host with it installed, else None."""
+    if not is_ascend_host():
+        return None
+    try:
+        return importlib.import_module("torch_npu")
+    except ImportError:
+        return None
+
+
+def npu_available() -> bool:
+    mod = torch_npu()
+    return bool(mod) and torch.npu.is_available()
+
+
+def device_count(kind: str) -> int:
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "npu":
+        return torch.npu.device_count() if npu_available() else 0
+    return 1
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` picks npu, then cuda, then cpu; an explicit device that is absent is a ConfigError."""
+    if spec == "auto":
+        for kind in ("npu", "cuda"):
+            if device_count(kind):
+                return torch.device(kind, 0)
+        return torch.device("cpu")
+    kind, _, index = spec.partition(":")
+    if kind == "cpu":
+        return torch.device("cpu")
+    count = device_count(kind)
+    idx = int(index) if index.isdigit() else 0
+    if index and not index.isdigit():
+        raise ConfigError(f"model.device: bad device index in {spec!r}")
+    if idx >= count:
+        raise ConfigError(f"model.device = {spec!r} but this host has {count} {kind} device(s)")
+    return torch.device(kind, idx)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """`auto`: fp16 on Ascend (what MindIE serves llava in), bf16 on CUDA when supported, fp32 on CPU."""
+    if spec != "auto":
+        return _DTYPES[spec]
+    if device.type == "npu":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    # torch_npu and the CPU allocator report OOM as a plain RuntimeError.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "npu" and npu_available():
+        torch.npu.empty_cache()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu" and npu_available():
+        torch.npu.synchronize(device)

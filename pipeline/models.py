@@ -1,0 +1,126 @@
+"""Load a LLaVA-family model and its processor from a local dir; build prompts.
+
+Everything is local: `local_files_only`, safetensors only, no remote code unless the job says so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaNextVideoForConditionalGeneration,
+)
+
+from pipeline.config import ConfigError, ModelConfig
+
+MODEL_CLASSES = {
+    "llava": LlavaForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+    "llava_next_video": LlavaNextVideoForConditionalGeneration,
+}
+
+# The conversation formats the llava-hf model cards give, for model dirs without a chat template.
+_VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+_FORMATS = {
+    "llava-1.5": "USER: {media}\n{text} ASSISTANT:",
+    "mistral": "[INST] {media}\n{text} [/INST]",
+    "vicuna": _VICUNA_SYSTEM + " USER: {media}\n{text} ASSISTANT:",
+    "chatml": ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n{media}\n{text}"
+               "<|im_end|><|im_start|>assistant\n"),
+}
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    family: str
+    config: dict
+    quantized: bool
+
+    @property
+    def supports_video(self) -> bool:
+        return self.family == "llava_next_video"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def inspect_model(cfg: ModelConfig) -> ModelInfo:
+    """Check a model dir before any work: exists, known family, safetensors weights."""
+    path = Path(cfg.path)
+    if "://" in cfg.path:
+        raise ConfigError(f"model.path must be a local directory, got {cfg.path!r}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"model.path: no config.json in {path}")
+    config = json.loads(config_file.read_text())
+    family = config.get("model_type")
+    if family not in MODEL_CLASSES:
+        raise ConfigError(f"model.path: model_type {family!r} is not a LLaVA family we support "
+                          f"({', '.join(MODEL_CLASSES)})")
+    quantized = _is_quantized(path)
+    if not quantized and not any(path.glob("*.safetensors")):
+        raise ConfigError(f"model.path: no *.safetensors weights in {path} (other formats are refused)")
+    return ModelInfo(path, family, config, quantized)
+
+
+def _is_quantized(path: Path) -> bool:
+    return any((path / n).is_file() for n in ("quant_model_description.json", "quant_model_description_w8a16.json"))
+
+
+def load_processor(info: ModelInfo, trust_remote_code: bool = False):
+    processor = AutoProcessor.from_pretrained(info.path, local_files_only=True, trust_remote_code=trust_remote_code)
+    # Decoder-only batches must be left padded so every row's last prompt token lines up.
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def load_model(info: ModelInfo, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
+    cls = MODEL_CLASSES[info.family]
+    if info.quantized:
+        from quant import load_quantized_model
+
+        model = load_quantized_model(cls, info.path, device=device, dtype=dtype)
+    else:
+        model = cls.from_pretrained(
+            info.path, dtype=dtype, device_map={"": str(device)}, use_safetensors=True,
+            local_files_only=True, trust_remote_code=trust_remote_code,
+        )
+    return model.eval()
+
+
+def describe(info: ModelInfo) -> str:
+    """The `model` output column: the model name, plus its quantization when it has one."""
+    if not info.quantized:
+        return info.name
+    from quant import describe as describe_quant
+
+    return f"{info.name} ({describe_quant(info.path)})"
+
+
+def conversation_format(info: ModelInfo) -> str:
+    if info.family != "llava_next":
+        return _FORMATS["llava-1.5"]
+    text = info.config.get("text_config", {})
+    if text.get("model_type") == "mistral":
+        return _FORMATS["mistral"]
+    if text.get("vocab_size") == 64000:  # Yi-34B behind llava-v1.6-34b speaks ChatML
+        return _FORMATS["chatml"]
+    return _FORMATS["vicuna"]
+
+
+def build_prompt(processor, info: ModelInfo, text: str, kind: str) -> str:
+    """The exact text given to the processor: its chat template when it has one."""
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    media = processor.video_token if kind == "video" else processor.image_token
+    return conversation_format(info).format(media=media, text=text)
