@@ -103,17 +103,19 @@ def test_image_captions_differ_and_stop(loaded):
     _assert_diverse(captions, lengths)
 
 
-def test_video_captions_differ(loaded):
-    family, _, processor, model, _ = loaded
-    if family != "llava_next_video":
-        pytest.skip("video family only")
+def test_video_captions_differ(tmp_path):
+    import transformers
+
+    path = build_tiny_model(tmp_path / "video", "llava_next_video", preset="test", seed=0)
+    processor = AutoProcessor.from_pretrained(path)
+    model = getattr(transformers, MODEL_CLASSES["llava_next_video"][0]).from_pretrained(path).eval()
     rng = np.random.default_rng(7)
-    videos = [rng.integers(0, 256, (4, 40, 52, 3), dtype=np.uint8) for _ in range(3)]
-    videos += [np.stack([np.asarray(im.resize((52, 40)))] * 4) for im in _images(3)]
+    videos = [rng.integers(0, 256, (4, 40, 52, 3), dtype=np.uint8) for _ in range(2)]
+    videos += [np.stack([np.asarray(im.resize((52, 40)))] * 4) for im in _images(2)]
     prompt = _prompt(processor, "video")
     inputs = processor(videos=videos, text=[prompt] * len(videos), padding=True, return_tensors="pt")
     captions, lengths = _captions(processor, model, **inputs)
-    assert len(set(captions)) >= 4, captions
+    assert len(set(captions)) >= 3, captions
     assert any(n < MAX_NEW for n in lengths), lengths
 
 
