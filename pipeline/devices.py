@@ -96,3 +96,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "npu" and npu_available():
         torch.npu.synchronize(device)
+
+
+def graph_compile(fn, device: torch.device):
+    """`fn` captured as a graph for `device`: torchair on Ascend, CUDA graphs on CUDA, inductor on CPU.
+
+    Callers keep tensor shapes static (the fast engine's decode step), so each shape compiles once.
+    """
+    if device.type == "npu" and torch_npu() is not None:
+        try:
+            torchair = importlib.import_module("torchair")
+        except ImportError as e:
+            raise ConfigError("generation.compile on npu needs torchair (ships with torch_npu)") from e
+        config = torchair.CompilerConfig()
+        config.mode = "reduce-overhead"
+        return torch.compile(fn, backend=torchair.get_npu_backend(compiler_config=config), dynamic=False)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(fn, mode=mode, dynamic=False)
