@@ -52,7 +52,10 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    engine: str = "hf"
+    # "fast": static KV cache + slot refill (pipeline/fast_engine.py); "hf": transformers generate, the reference.
+    engine: str = "fast"
+    # Capture the fast engine's decode step as a graph (CUDA graphs / torchair); off on CPU, where it did not help.
+    compile: bool = False
 
 
 @dataclass
@@ -68,6 +71,15 @@ class RunConfig:
     max_error_rate: float = 1.0
     decode_workers: int = 4
     progress: bool = True
+    # Scale-out (pipeline/executors): one worker per device entry; "auto" = every accelerator, else one CPU.
+    devices: list[str] = field(default_factory=lambda: ["auto"])
+    executor: str = "local"
+    ray_address: str = "auto"
+    max_retries: int = 2
+    num_nodes: int = 1
+    node_rank: int = 0
+    steal: bool = False
+    lease_timeout_s: float = 60.0
 
 
 @dataclass
@@ -200,7 +212,7 @@ def validate(cfg: JobConfig) -> None:
     _require(g.video_frames >= 1, f"generation.video_frames must be >= 1, got {g.video_frames}")
     _require(g.temperature > 0, f"generation.temperature must be > 0, got {g.temperature}")
     _require(0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
-    _require(g.engine in ("hf",), f"generation.engine must be 'hf', got {g.engine!r}")
+    _require(g.engine in ("fast", "hf"), f"generation.engine must be fast|hf, got {g.engine!r}")
     _require(bool(g.prompt.strip()) or bool(i.prompt_column), "generation.prompt must not be empty")
     _require(bool(o.dir), "output.dir is required")
     _require(o.rows_per_shard >= 1, f"output.rows_per_shard must be >= 1, got {o.rows_per_shard}")
@@ -209,6 +221,20 @@ def validate(cfg: JobConfig) -> None:
     _require(o.mode in ("resume", "overwrite"), f"output.mode must be resume|overwrite, got {o.mode!r}")
     _require(0 <= r.max_error_rate <= 1, f"run.max_error_rate must be in [0, 1], got {r.max_error_rate}")
     _require(r.decode_workers >= 1, f"run.decode_workers must be >= 1, got {r.decode_workers}")
+    _validate_scaleout(r, o)
+
+
+def _validate_scaleout(r: RunConfig, o: OutputConfig) -> None:
+    _require(bool(r.devices), "run.devices must be \"auto\" or a non-empty list of devices")
+    _require(r.devices == ["auto"] or all(d.split(":")[0] in ("cpu", "cuda", "npu") for d in r.devices),
+             f"run.devices must be \"auto\" or a list of cpu|cuda[:i]|npu[:i], got {r.devices!r}")
+    _require(r.executor in ("local", "ray"), f"run.executor must be local|ray, got {r.executor!r}")
+    _require(r.max_retries >= 0, f"run.max_retries must be >= 0, got {r.max_retries}")
+    _require(r.num_nodes >= 1, f"run.num_nodes must be >= 1, got {r.num_nodes}")
+    _require(0 <= r.node_rank < r.num_nodes, f"run.node_rank must be in [0, {r.num_nodes}), got {r.node_rank}")
+    _require(r.lease_timeout_s > 0, f"run.lease_timeout_s must be > 0, got {r.lease_timeout_s}")
+    # Each node would wipe the others' chunks.
+    _require(r.num_nodes == 1 or o.mode == "resume", "output.mode = \"overwrite\" needs run.num_nodes = 1")
 
 
 def fingerprint_view(config: dict) -> dict:

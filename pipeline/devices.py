@@ -66,6 +66,57 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(kind, idx)
 
 
+_VISIBLE_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES"}
+
+
+def worker_devices(run_devices: list[str], model_device: str) -> list[str]:
+    """One device string per worker, validated: run.devices, else model.device, else auto.
+
+    `auto` means every visible accelerator (data parallel), else one CPU worker.
+    """
+    if run_devices != ["auto"]:
+        try:
+            return [str(resolve_device(d)) for d in run_devices]
+        except ConfigError as e:
+            raise ConfigError(f"run.devices: {e}".replace("model.device", "device")) from None
+    if model_device != "auto":
+        return [str(resolve_device(model_device))]
+    for kind in ("npu", "cuda"):
+        if n := device_count(kind):
+            return [f"{kind}:{i}" for i in range(n)]
+    return ["cpu"]
+
+
+def worker_env(device: str, cpu_workers: int) -> tuple[dict[str, str], str]:
+    """(environment for a fresh worker process, the device it then names) for `device`.
+
+    The worker sees only its own accelerator, set before torch initialises it, so it always uses
+    index 0. An index counts within what this process already sees (a scheduler may have set it).
+    """
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        # Several CPU workers share the cores instead of each spawning a thread per core.
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, cpu_workers)))
+        return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads}, "cpu"
+    var = _VISIBLE_ENV[kind]
+    visible = [v for v in os.environ.get(var, "").split(",") if v.strip()]
+    idx = int(index or 0)
+    return {var: visible[idx] if idx < len(visible) else str(idx)}, f"{kind}:0"
+
+
+def ray_actor_options(kind: str) -> tuple[dict, str]:
+    """(Ray actor resources, the device the actor then names) for a worker of `kind`.
+
+    Ray sets ASCEND_RT_VISIBLE_DEVICES for its built-in NPU resource and CUDA_VISIBLE_DEVICES for
+    num_gpus, so, as in a local worker process, the actor always uses index 0.
+    """
+    if kind == "npu":
+        return {"resources": {"NPU": 1}, "num_cpus": 1}, "npu:0"
+    if kind == "cuda":
+        return {"num_gpus": 1, "num_cpus": 1}, "cuda:0"
+    return {"num_cpus": 1}, "cpu"
+
+
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     """`auto`: fp16 on Ascend (what MindIE serves llava in), bf16 on CUDA when supported, fp32 on CPU."""
     if spec != "auto":

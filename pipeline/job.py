@@ -10,15 +10,16 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline import devices, models
 from pipeline.config import JobConfig, fingerprint_view
-from pipeline.engine import HFEngine
-from pipeline.executors.local import run_local
+from pipeline.fast_engine import make_engine
+from pipeline.executors import make_pool, run_pool
 from pipeline.manifest import Manifest, open_manifest
 from pipeline.output import OutputDir, read_status
 from pipeline.runner import JobContext
+from pipeline.shard_queue import node_share
 
 
 @dataclass
@@ -30,11 +31,13 @@ class Summary:
     seconds: float
     out_dir: str
     exit_code: int
+    failed_shards: list[int] = field(default_factory=list)
 
     def line(self) -> str:
         rate = self.processed / self.seconds if self.seconds > 0 else 0.0
+        failed = f"; shards FAILED: {self.failed_shards}" if self.failed_shards else ""
         return (f"{self.rows} rows: {self.ok} ok, {self.errors} errors; {self.processed} captioned this run "
-                f"in {self.seconds:.1f}s ({rate:.2f} rows/s); captions in {self.out_dir}/captions")
+                f"in {self.seconds:.1f}s ({rate:.2f} rows/s); captions in {self.out_dir}/captions{failed}")
 
 
 def job_record(cfg: JobConfig, manifest: Manifest, info: models.ModelInfo) -> dict:
@@ -56,28 +59,41 @@ def _sha(obj) -> str:
 def run_job(cfg: JobConfig) -> Summary:
     manifest = open_manifest(cfg.input)
     info = models.inspect_model(cfg.model)
-    device = devices.resolve_device(cfg.model.device)
-    dtype = devices.resolve_dtype(cfg.model.dtype, device)
+    # Local devices are checked here, in the parent, before any worker starts or anything is written.
+    workers = devices.worker_devices(cfg.run.devices, cfg.model.device) if cfg.run.executor == "local" else []
     out = OutputDir(cfg.output.dir)
     record = job_record(cfg, manifest, info)
     out.check_compatible(record, cfg.output.mode)
     shards = manifest.plan(cfg.output.rows_per_shard)
-    if cfg.output.mode == "resume" and out.read_job() and all(out.shard_done(s.index) for s in shards):
-        print(f"all {manifest.num_rows} rows already done", file=sys.stderr)
+    mine, others = node_share(shards, cfg.run)
+    if cfg.output.mode == "resume" and out.read_job() and all(out.shard_done(s.index) for s in mine + others):
+        share = "" if len(mine) == len(shards) else f" of node {cfg.run.node_rank}'s share"
+        print(f"all {manifest.num_rows} rows{share} already done", file=sys.stderr)
         return _summary(cfg, 0, 0.0)
+    pool, owner = make_pool(cfg, record, workers, len(shards),
+                            lambda device: open_context(cfg, manifest, out, info, record["model"], device))
+    out.start(record, cfg.output.mode)
+    started = time.perf_counter()
+    processed, failed = run_pool(pool, owner, cfg, out, mine, others)
+    return _summary(cfg, processed, time.perf_counter() - started, failed)
+
+
+def open_context(cfg: JobConfig, manifest: Manifest, out: OutputDir, info: models.ModelInfo, model_name: str,
+                 device_spec: str) -> JobContext:
+    """Load the model once on `device_spec`: in this process, a worker process or a Ray actor."""
+    device = devices.resolve_device(device_spec)
+    dtype = devices.resolve_dtype(cfg.model.dtype, device)
     processor = models.load_processor(info, cfg.model.trust_remote_code)
     model = models.load_model(info, device, dtype, cfg.model.trust_remote_code)
-    engine = HFEngine(model, processor, cfg.generation, device)
-    out.start(record, cfg.output.mode)
-    ctx = JobContext(cfg, manifest, out, info, processor, engine, record["model"])
-    started = time.perf_counter()
-    processed = run_local(ctx, shards)
-    return _summary(cfg, processed, time.perf_counter() - started)
+    engine = make_engine(model, processor, cfg.generation, device)
+    return JobContext(cfg, manifest, out, info, processor, engine, model_name)
 
 
-def _summary(cfg: JobConfig, processed: int, seconds: float) -> Summary:
+def _summary(cfg: JobConfig, processed: int, seconds: float, failed: dict | None = None) -> Summary:
     status = read_status(cfg.output.dir)
     done = status["done"]
     error_rate = status["errors"] / done if done else 0.0
-    code = 1 if error_rate > cfg.run.max_error_rate else 0
-    return Summary(status["rows"], status["ok"], status["errors"], processed, seconds, cfg.output.dir, code)
+    # A shard that kept killing its workers fails the job, after everything else is finished.
+    code = 1 if error_rate > cfg.run.max_error_rate or failed else 0
+    return Summary(status["rows"], status["ok"], status["errors"], processed, seconds, cfg.output.dir, code,
+                   sorted(failed or {}))

@@ -87,7 +87,7 @@ class OutputDir:
 
     def start(self, job: dict, mode: str) -> None:
         if mode == "overwrite":
-            for path in (self.captions, self.stats, self.tmp):
+            for path in (self.captions, self.stats, self.tmp, self.root / "_leases"):
                 shutil.rmtree(path, ignore_errors=True)
         for path in (self.captions, self.stats, self.tmp):
             path.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,19 @@ class OutputDir:
         return self.shard_path(shard).is_file()
 
     def commit_shard(self, shard: int, stats: dict) -> None:
-        self._atomic_write(self.shard_path(shard), lambda p: p.write_text(json.dumps(stats, indent=2)))
+        self.write_json(self.shard_path(shard), stats)
+
+    def write_json(self, path: Path, obj: dict) -> None:
+        self._atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
+
+    def failed_path(self, shard: int) -> Path:
+        """Beside the stats marker, not instead of it: a rerun retries a failed shard."""
+        return self.stats / f"shard-{shard:05d}.failed.json"
+
+    def failed_shards(self) -> list[int]:
+        if not self.stats.is_dir():
+            return []
+        return sorted(int(p.name[6:-12]) for p in self.stats.glob("shard-*.failed.json"))
 
     def chunk_files(self, shard: int) -> list[Path]:
         return sorted(self.captions.glob(f"shard-{shard:05d}-chunk-*.parquet"))
@@ -166,5 +178,6 @@ def read_status(root: str | os.PathLike) -> dict:
         counts.update(table.column("status").to_pylist())
     n_shards = job["plan"]["shards"]
     done = sum(out.shard_done(s) for s in range(n_shards))
+    failed = [s for s in out.failed_shards() if not out.shard_done(s)]
     return {"rows": job["manifest"]["num_rows"], "done": counts["ok"] + counts["error"], "ok": counts["ok"],
-            "errors": counts["error"], "shards": n_shards, "shards_complete": done}
+            "errors": counts["error"], "shards": n_shards, "shards_complete": done, "shards_failed": failed}

@@ -7,6 +7,7 @@ depend only on its own rows, and a resumed chunk gives the captions the first tr
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -122,6 +123,9 @@ class _ChunkWriter:
         if item.media is not None and item.media.kind == "video":
             self.frames[k][item.pos] = int(item.media.frames.shape[0])
 
+    def complete(self, chunk: Chunk) -> bool:
+        return all(r is not None for r in self.results[chunk.index])
+
     def commit(self, chunk: Chunk) -> None:
         k = chunk.index
         results = self.results.pop(k)
@@ -195,9 +199,15 @@ def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, lis
 
     current = None
     window = max(2 * cfg.generation.max_batch_size, 2 * cfg.run.decode_workers)
+    engine_before = dict(getattr(ctx.engine, "stats", {}))
+    started = time.perf_counter()
     with ThreadPoolExecutor(cfg.run.decode_workers, thread_name_prefix="decode") as pool:
         items = _items(_chunk_tables(ctx, todo), remember)
-        for item in _prefetch(pool, lambda it: _decode(ctx, it), items, window):
+        decoded = _prefetch(pool, lambda it: _decode(ctx, it), items, window)
+        if hasattr(ctx.engine, "generate_stream"):
+            _stream(ctx, decoded, texts, writer)
+            decoded = ()
+        for item in decoded:
             if current is not None and item.chunk != current:
                 _finish_chunk(current, buckets, flush, writer)
             current = item.chunk
@@ -212,6 +222,8 @@ def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, lis
         if current is not None:
             _finish_chunk(current, buckets, flush, writer)
     stats = shard_stats(ctx.out, shard.index, shard.stop - shard.start)
+    if engine_before:
+        stats["engine"] = _engine_stats(ctx.engine.stats, engine_before, time.perf_counter() - started)
     ctx.out.commit_shard(shard.index, stats)
     return stats
 
@@ -221,3 +233,40 @@ def _finish_chunk(chunk: Chunk, buckets: dict, flush: Callable, writer: _ChunkWr
         if buckets[kind]:
             flush(kind)
     writer.commit(chunk)
+
+
+def _stream(ctx: JobContext, decoded: Iterable[Item], texts: dict, writer: _ChunkWriter) -> None:
+    """Rows flow through a streaming engine one at a time, in any order of completion; a chunk
+    commits once every one of its rows has a result, so chunk boundaries (and exactly-once) hold.
+
+    The engine pulls `requests()` on its own feeder thread, hence the lock around the writer.
+    """
+    lock = threading.Lock()
+    pending: dict[int, Item] = {}
+
+    def done(item: Item, result: Result, prompt: str | None) -> None:
+        with lock:
+            writer.put(item, result, prompt)
+            if writer.complete(item.chunk):
+                writer.commit(item.chunk)
+
+    def requests() -> Iterator[Request]:
+        for item in decoded:
+            text = texts.get(item.chunk.index, {}).get(item.pos) or ctx.cfg.generation.prompt
+            req = item.error or _request(ctx, item, text)
+            if isinstance(req, str):
+                done(item, Result(error=req), None)
+                continue
+            pending[id(req)] = item
+            yield req
+
+    for req, result in ctx.engine.generate_stream(requests()):
+        done(pending.pop(id(req)), result, req.prompt)
+
+
+def _engine_stats(now: dict, before: dict, wall: float) -> dict:
+    """This shard's share of the engine counters; busy_fraction = time computing / wall time."""
+    delta = {k: round(v - before.get(k, 0), 4) for k, v in now.items()}
+    delta["wall_s"] = round(wall, 3)
+    delta["busy_fraction"] = round(delta.get("busy_s", 0.0) / wall, 4) if wall > 0 else 0.0
+    return delta

@@ -1,33 +1,48 @@
-"""The embedded executor: one process, shards one after another, a progress bar on stderr."""
+"""The embedded executor: one worker inside this process, driven like any other pool.
+
+The shard runs on a background thread so the driver loop (progress, lease bookkeeping) sees each
+chunk as it commits; an exception in the shard is re-raised in the caller, as a crash of the job.
+"""
 
 from __future__ import annotations
 
-import sys
+import queue
+import threading
 
-from tqdm import tqdm
-
-from pipeline.manifest import Shard
-from pipeline.runner import JobContext, process_shard
+from pipeline.runner import JobContext
+from pipeline.worker import ShardWorker
 
 
-def run_local(ctx: JobContext, shards: list[Shard]) -> int:
-    """Process every shard without a completion marker; returns the rows captioned by this call."""
-    todo = [s for s in shards if not ctx.out.shard_done(s.index)]
-    committed = ctx.out.committed_chunks()
-    chunk_rows = ctx.cfg.output.chunk_rows
-    already = sum(c.stop - c.start for s in todo for c in s.chunks(chunk_rows) if (s.index, c.index) in committed)
-    remaining = sum(s.stop - s.start for s in todo) - already
-    bar = tqdm(total=remaining, unit="row", file=sys.stderr, disable=not ctx.cfg.run.progress,
-               dynamic_ncols=True, desc="captioning")
-    errors = 0
+class InProcessPool:
+    def __init__(self, ctx: JobContext, owner: dict, device: str):
+        self.worker = ShardWorker({}, device, owner, ctx=ctx)
+        self.slots, self.devices = [0], [device]
+        self.events: queue.Queue = queue.Queue()
+        self.events.put((0, "ready", {}))
 
-    def on_commit(chunk, results) -> None:
-        nonlocal errors
-        errors += sum(r.error is not None for r in results)
-        bar.update(len(results))
-        bar.set_postfix(errors=errors, refresh=False)
+    def start(self, slot: int) -> None:
+        pass  # ready from the start: the model is already loaded
 
-    with bar:
-        for shard in todo:
-            process_shard(ctx, shard, on_commit)
-    return remaining
+    def submit(self, slot: int, shard: int) -> None:
+        threading.Thread(target=self._run, args=(shard,), daemon=True, name="shard").start()
+
+    def _run(self, shard: int) -> None:
+        try:
+            result = self.worker.run(shard, lambda rows, errors: self.events.put(
+                (0, "chunk", {"rows": rows, "errors": errors})))
+        except BaseException as e:  # noqa: BLE001 - handed to the driver thread, which raises it
+            self.events.put((0, "raise", e))
+            return
+        self.events.put((0, "lost" if result.get("lost") else "done", result))
+
+    def event(self, timeout: float):
+        try:
+            slot, kind, msg = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if kind == "raise":
+            raise msg
+        return slot, kind, msg
+
+    def close(self) -> None:
+        pass
