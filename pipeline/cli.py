@@ -1,4 +1,4 @@
-"""`llava-batch run|status|tiny-model|quantize|score`.
+"""`llava-batch run|status|tiny-model|quantize|bench|score`.
 
 Exit codes: 0 done (row errors are counted, not fatal, unless run.max_error_rate is exceeded),
 2 bad arguments or configuration (one line on stderr, nothing written), 1 anything else.
@@ -34,7 +34,8 @@ def _cmd_status(args) -> int:
         print(json.dumps(status))
     else:
         print(f"{status['done']}/{status['rows']} rows done ({status['ok']} ok, {status['errors']} errors); "
-              f"{status['shards_complete']}/{status['shards']} shards complete")
+              f"{status['shards_complete']}/{status['shards']} shards complete"
+              + (f"; shards FAILED: {status['shards_failed']}" if status["shards_failed"] else ""))
     return 0
 
 
@@ -56,6 +57,12 @@ def _cmd_quantize(args) -> int:
 
 def _cmd_score(args) -> int:
     from pipeline.score import cli
+
+    return cli(args)
+
+
+def _cmd_bench(args) -> int:
+    from pipeline.bench import cli
 
     return cli(args)
 
@@ -91,6 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", default="hf", choices=["hf", "legacy"])
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("bench", help="performance test: batch sizes x fixed output length, or a caption workload")
+    p.add_argument("--model", required=True, help="model dir (llava-hf layout)")
+    p.add_argument("--workload", default="perf", choices=["perf", "captions"])
+    p.add_argument("--batch-sizes", default="1,2,3,4,5,6,7,8,9,10", help="perf: comma separated")
+    p.add_argument("--output-length", type=int, default=256, help="perf: tokens per row, EOS ignored")
+    p.add_argument("--compare", choices=["hf"], default=None, help="also time plain transformers generate")
+    p.add_argument("--out", default="bench-out", help="folder for benchmark.csv / .png / .json")
+    p.add_argument("--dtype", default="bfloat16", choices=["auto", "float16", "bfloat16", "float32"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--prompt", default="Describe this image in one sentence.")
+    p.add_argument("--manifest", help="captions: Parquet manifest with a path column")
+    p.add_argument("--max-batch-size", type=int, default=16, help="captions: fast engine slots")
+    p.add_argument("--max-output-length", type=int, default=128, help="captions: EOS-driven, up to this")
+    p.add_argument("--hf-batch-sizes", default="8,16", help="captions: static batch sizes for the hf loop")
+    p.add_argument("--engines", default="fast", help="captions: comma separated, fast and/or hf")
+    p.set_defaults(func=_cmd_bench)
 
     try:
         from pipeline.score import add_parser as add_score

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from pipeline import devices, models
 from pipeline.config import JobConfig, fingerprint_view
-from pipeline.fast_engine import make_engine
 from pipeline.executors import make_pool, run_pool
+from pipeline.fast_engine import make_engine
 from pipeline.manifest import Manifest, open_manifest
 from pipeline.output import OutputDir, read_status
 from pipeline.runner import JobContext

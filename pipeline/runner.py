@@ -1,8 +1,10 @@
 """process_shard(): read -> decode -> batch -> generate -> write -> commit, for one shard.
 
 Decoding runs in a thread pool a bounded window ahead of generation, across chunk boundaries,
-so the device does not wait on Pillow/PyAV. Batches never span chunks: a chunk's captions then
-depend only on its own rows, and a resumed chunk gives the captions the first try would have.
+so the device does not wait on Pillow/PyAV. With a batch engine (hf), batches never span chunks:
+a chunk's captions then depend only on its own rows. A streaming engine (fast) takes rows one at a
+time across chunk boundaries, every row decoded on its own, and a chunk commits once all its rows
+have results; either way chunks stay the plan's fixed row ranges, which exactly-once relies on.
 """
 
 from __future__ import annotations

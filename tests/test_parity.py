@@ -32,8 +32,9 @@ def reference_caption(model, processor, path, kind: str, text: str, frames: int)
     return prompt, processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
+@pytest.mark.parametrize("engine", ["fast", "hf"])
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_next_video"])
-def test_captions_match_transformers_generate(family, tiny_model, tmp_path):
+def test_captions_match_transformers_generate(family, engine, tiny_model, tmp_path):
     model_dir = tiny_model(family)
     media = tmp_path / "media"
     paths = [write_image(media / f"img{i}.png", seed=10 + i, size=s) for i, s in enumerate(SIZES)]
@@ -44,7 +45,7 @@ def test_captions_match_transformers_generate(family, tiny_model, tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", {"path": [str(p) for p in paths]})
     text = "What is in the picture?"
     job = write_job(tmp_path / "job.toml", job_sections(
-        model_dir, manifest, tmp_path / "out", generation={"prompt": text, "max_output_length": MAX_NEW}))
+        model_dir, manifest, tmp_path / "out", generation={"prompt": text, "max_output_length": MAX_NEW, "engine": engine}))
     summary = run_job(load_job(job))
     assert summary.ok == len(paths) and summary.errors == 0
 

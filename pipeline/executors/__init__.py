@@ -1,0 +1,54 @@
+"""Executors: who runs `shard -> process_shard`. All share one driver loop (pool.drive).
+
+- one local device: the model in this process (InProcessPool), as a plain single-device run;
+- several local devices: one worker process per device (ProcPool);
+- run.executor = "ray": one Ray actor per device across a cluster (RayPool).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pipeline.config import JobConfig
+from pipeline.leases import Leases, new_owner
+from pipeline.manifest import Shard
+from pipeline.output import OutputDir
+from pipeline.shard_queue import ShardQueue
+
+
+def make_pool(cfg: JobConfig, record: dict, workers: list[str], n_shards: int, load: Callable):
+    """The pool for this job and the lease owner it works for. Built before anything is written,
+    so an unreachable Ray cluster or a model that fails to load in-process stops the job cleanly."""
+    owner = new_owner()
+    if cfg.run.executor == "ray":
+        from pipeline.executors.ray import RayPool
+
+        return RayPool(record, cfg.run, owner, n_shards), owner
+    if len(workers) > 1:
+        from pipeline.executors.procs import ProcPool
+
+        return ProcPool(record, workers, owner), owner
+    from pipeline.executors.local import InProcessPool
+
+    return InProcessPool(load(workers[0]), owner, workers[0]), owner
+
+
+def run_pool(pool, owner: dict, cfg: JobConfig, out: OutputDir, mine: list[Shard], others: list[Shard]
+             ) -> tuple[int, dict[int, str]]:
+    """(rows captioned by this run, {shard: error} of shards that failed every retry)."""
+    from pipeline.executors.pool import Progress, drive
+
+    with Leases(out.root, cfg.run.lease_timeout_s, owner) as leases:
+        queue = ShardQueue(out, leases, mine, others, cfg.run.max_retries)
+        progress = Progress(_remaining(out, mine + others, cfg.output.chunk_rows), cfg.run.progress)
+        try:
+            drive(pool, queue, progress, cfg.run.max_retries)
+        finally:
+            progress.close()
+    return progress.rows, queue.failed
+
+
+def _remaining(out: OutputDir, shards: list[Shard], chunk_rows: int) -> int:
+    committed = out.committed_chunks()
+    return sum(c.stop - c.start for s in shards if not out.shard_done(s.index)
+               for c in s.chunks(chunk_rows) if (s.index, c.index) not in committed)
