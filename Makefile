@@ -12,7 +12,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -e '.[test,eval,quant]'
+	$(PIP) -e '.[test,eval,quant,ray]'
 	touch $@
 
 run: $(VENV)/.base

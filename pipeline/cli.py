@@ -43,7 +43,8 @@ def _cmd_tiny_model(args) -> int:
     from pipeline.tiny_model import build_tiny_model
 
     path = build_tiny_model(args.out_dir, args.family, preset=args.preset, seed=args.seed,
-                            image_size=args.image_size, chat_template=not args.no_chat_template)
+                            image_size=args.image_size, chat_template=not args.no_chat_template,
+                            caption_median=args.caption_median)
     print(path)
     return 0
 
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=None, help="vision tower input size (patch 14)")
     p.add_argument("--no-chat-template", action="store_true", help="write no chat template")
+    p.add_argument("--caption-median", type=int, default=None,
+                   help="calibrate EOS for captions of about this median length (default 12)")
     p.set_defaults(func=_cmd_tiny_model)
 
     p = sub.add_parser("quantize", help="convert a llava-hf model dir to W8A16 (msModelSlim ascendV1 layout)")

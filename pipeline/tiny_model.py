@@ -90,6 +90,7 @@ def build_tiny_model(
     seed: int = 0,
     image_size: int | None = None,
     chat_template: bool = True,
+    caption_median: int | None = None,
 ) -> Path:
     """Write a random-weight `family` model in llava-hf layout to `out_dir` and return its path."""
     if family not in FAMILIES:
@@ -109,7 +110,9 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):  # the default init draws from (and would move) the global RNG
         model = _MODEL_CLASSES[family](config).eval()
     _init_weights(model, seed)  # every parameter, from its own generator: same seed, same bytes
-    _calibrate_eos(model, processor, seed)
+    # Benchmarks ask for longer captions (decode-bound workloads); None keeps the test calibration.
+    median = caption_median or _TARGET_MEDIAN
+    _calibrate_eos(model, processor, seed, median, max(_CALIB_TOKENS, 3 * median))
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False
     )
@@ -267,7 +270,7 @@ def _init_weights(model, seed: int) -> None:
 
 
 @torch.no_grad()
-def _calibrate_eos(model, processor, seed: int) -> None:
+def _calibrate_eos(model, processor, seed: int, median: int = _TARGET_MEDIAN, window: int = _CALIB_TOKENS) -> None:
     """Set the EOS row of lm_head so greedy captions end at EOS after a varied number of tokens.
 
     A fixed EOS scale does not carry across sizes: whether EOS ever wins the argmax depends on how the
@@ -281,14 +284,14 @@ def _calibrate_eos(model, processor, seed: int) -> None:
     try:
         model.generate(
             **_calibration_inputs(processor, seed),
-            max_new_tokens=_CALIB_TOKENS,
+            max_new_tokens=window,
             do_sample=False,
             suppress_tokens=[EOS_ID],
             pad_token_id=PAD_ID,
         )
     finally:
         hook.remove()
-    h = torch.stack(states[:_CALIB_TOKENS], dim=1)  # [batch, step, hidden]
+    h = torch.stack(states[:window], dim=1)  # [batch, step, hidden]
     best = h @ model.lm_head.weight.float().T  # EOS row is 0 here, below any chosen logit
     chosen = best.max(dim=-1).values
     # A random direction with the states' common component removed, so u . h_t swings from step to
@@ -300,7 +303,7 @@ def _calibrate_eos(model, processor, seed: int) -> None:
     basis, _ = torch.linalg.qr(common)
     u -= basis @ (basis.T @ u)
     proj = h @ u
-    scale = min(_SCALES, key=lambda s: _length_score(_stop_lengths(s * proj, chosen)))
+    scale = min(_SCALES, key=lambda s: _length_score(_stop_lengths(s * proj, chosen), median, window))
     model.lm_head.weight[EOS_ID] = (scale * u).to(model.lm_head.weight.dtype)
 
 
@@ -309,13 +312,13 @@ _SCALES = [0.25 * 1.1**k for k in range(60)]
 
 def _stop_lengths(eos_logit: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     wins = torch.cat([eos_logit > chosen, torch.ones_like(chosen[:, :1], dtype=torch.bool)], dim=1)
-    return wins.int().argmax(dim=1)  # first step where EOS wins; _CALIB_TOKENS = never
+    return wins.int().argmax(dim=1)  # first step where EOS wins; the window length = never
 
 
-def _length_score(lengths: torch.Tensor) -> float:
+def _length_score(lengths: torch.Tensor, median: int, window: int) -> float:
     lengths = lengths.float()
-    too_short, too_long = (lengths < 2).float().mean(), (lengths >= _CALIB_TOKENS).float().mean()
-    return abs(lengths.median().item() - _TARGET_MEDIAN) + 20 * (too_short + too_long).item()
+    too_short, too_long = (lengths < 2).float().mean(), (lengths >= window).float().mean()
+    return abs(lengths.median().item() - median) + 20 * (too_short + too_long).item()
 
 
 def _calibration_inputs(processor, seed: int):

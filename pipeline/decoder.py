@@ -1,0 +1,136 @@
+"""The Llama-family decoder (Llama / Vicuna, Mistral, Yi) over a static KV cache, as pure functions.
+
+Only the attention wiring is ours. Every weight is used through the Hugging Face module that owns it
+(q/k/v/o projections, RMSNorms, the SwiGLU MLP, the rotary embedding with the checkpoint's rope
+scaling, lm_head), so a W8A16Linear swapped in for an nn.Linear runs here unchanged, and numerics
+follow transformers step for step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from pipeline.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class LanguageModel:
+    """Handles on the modules of a LLaVA model's language model; holds no weights of its own."""
+
+    embed: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+    rotary: nn.Module
+    lm_head: nn.Module
+    kv_heads: int
+    head_dim: int
+    sliding_window: int | None
+
+
+SUPPORTED_TEXT_MODELS = ("llama", "mistral")
+
+
+def language_model(model: nn.Module) -> LanguageModel:
+    """The decoder of a Llava*ForConditionalGeneration; ValueError for text models we do not run."""
+    text = model.config.text_config
+    if text.model_type not in SUPPORTED_TEXT_MODELS:
+        raise ValueError(f"fast engine runs {'/'.join(SUPPORTED_TEXT_MODELS)} language models, "
+                         f"not {text.model_type!r}")
+    lm = model.model.language_model
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return LanguageModel(lm.embed_tokens, lm.layers, lm.norm, lm.rotary_emb, model.lm_head,
+                         text.num_key_value_heads, head_dim, getattr(text, "sliding_window", None))
+
+
+# attend(layer index, q, k, v) -> attention output [batch, heads, seq, head_dim]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _layer(index: int, layer: nn.Module, x: torch.Tensor, rope, attend: Attend) -> torch.Tensor:
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    shape = (*x.shape[:2], -1, attn.head_dim)
+    q = attn.q_proj(h).view(shape).transpose(1, 2)
+    k = attn.k_proj(h).view(shape).transpose(1, 2)
+    v = attn.v_proj(h).view(shape).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, *rope)
+    out = attend(index, q, k, v).transpose(1, 2).reshape(*x.shape[:2], -1)
+    x = x + attn.o_proj(out)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _run(lm: LanguageModel, x: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+    rope = lm.rotary(x, positions)
+    for i, layer in enumerate(lm.layers):
+        x = _layer(i, layer, x, rope, attend)
+    return x
+
+
+def _sdpa(q, k, v, mask, scale: float, causal: bool = False) -> torch.Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+def prefill_mask(length: int, sliding_window: int | None, device) -> torch.Tensor | None:
+    """None means plain causal (SDPA's fused path); a sliding window needs the explicit mask."""
+    if not sliding_window or sliding_window >= length:
+        return None
+    i = torch.arange(length, device=device)
+    return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - sliding_window)
+
+
+def decode_mask(positions: torch.Tensor, window: int, sliding_window: int | None) -> torch.Tensor:
+    """[slots, 1, 1, window]: each slot sees its own cache positions 0..position (and its window)."""
+    j = torch.arange(window, device=positions.device)[None, :]
+    pos = positions[:, None]
+    mask = j <= pos
+    if sliding_window:
+        mask &= j > pos - sliding_window
+    return mask[:, None, None, :]
+
+
+def prefill(lm: LanguageModel, cache: KVCache, embeds: torch.Tensor, lengths: torch.Tensor,
+            slots: torch.Tensor) -> torch.Tensor:
+    """Run right-padded prompts [n, seq, hidden] into cache `slots` [n]; logits of each last token [n, vocab].
+
+    Right padding is exact under a causal mask: real tokens never see the pads after them, and
+    the pads' cache entries lie beyond each row's length, where decode masks them out.
+    """
+    seq = embeds.shape[1]
+    positions = torch.arange(seq, device=embeds.device)[None, :]
+    mask = prefill_mask(seq, lm.sliding_window, embeds.device)
+
+    def attend(i, q, k, v):
+        cache.write_prefill(i, slots, k, v)
+        scale = lm.layers[i].self_attn.scaling
+        return _sdpa(q, k, v, mask, scale, causal=mask is None)
+
+    x = _run(lm, embeds, positions, attend)
+    last = x[torch.arange(x.shape[0], device=x.device), lengths - 1]
+    return lm.lm_head(lm.norm(last))
+
+
+def decode_step(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                window: int) -> torch.Tensor:
+    """One token for every slot at once: tokens, positions [slots] -> logits [slots, vocab].
+
+    The shape is the cache's slot count whatever the number of live rows; idle slots compute
+    garbage that nobody reads, which is cheaper than changing shapes.
+    """
+    x = lm.embed(tokens[:, None])
+    mask = decode_mask(positions, window, lm.sliding_window)
+
+    def attend(i, q, k, v):
+        cache.write_step(i, positions, k, v)
+        keys, values = cache.view(i, window)
+        # The cache may be wider than the model (fp32 on CPU, see devices.kv_cache_dtype).
+        return _sdpa(q.to(keys.dtype), keys, values, mask, lm.layers[i].self_attn.scaling).to(q.dtype)
+
+    x = _run(lm, x, positions[:, None], attend)
+    return lm.lm_head(lm.norm(x[:, 0]))

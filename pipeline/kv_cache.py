@@ -1,0 +1,56 @@
+"""A KV cache allocated once: [layers, 2, slots, kv_heads, max_len, head_dim].
+
+Every slot holds one row's keys and values from position 0; nothing is ever reallocated, so the
+decode step keeps one shape for the whole run (what CUDA graphs and NPU graph mode need). Positions
+past a slot's current length hold stale values from earlier rows; the attention mask hides them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Decode attends over the first `window` cache positions only, rounded up to this multiple: reading
+# the whole max_input_length + max_output_length cache each step would cost more than the weights,
+# and a handful of buckets keeps the shapes few enough for graph capture.
+WINDOW_BUCKET = 128
+
+
+@dataclass
+class KVCache:
+    data: torch.Tensor  # [layers, 2, slots, kv_heads, max_len, head_dim]
+
+    @classmethod
+    def allocate(cls, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> KVCache:
+        return cls(torch.zeros(layers, 2, slots, kv_heads, max_len, head_dim, dtype=dtype, device=device))
+
+    @property
+    def slots(self) -> int:
+        return self.data.shape[2]
+
+    @property
+    def max_len(self) -> int:
+        return self.data.shape[4]
+
+    def write_prefill(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [n, kv_heads, length, head_dim] go to positions 0..length-1 of `slots` [n]."""
+        length = k.shape[2]
+        self.data[layer, 0, slots, :, :length] = k.to(self.data.dtype)
+        self.data[layer, 1, slots, :, :length] = v.to(self.data.dtype)
+
+    def write_step(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [slots, kv_heads, 1, head_dim] go to each slot's own position [slots]."""
+        rows = torch.arange(self.slots, device=positions.device)
+        self.data[layer, 0, rows, :, positions] = k[:, :, 0].to(self.data.dtype)
+        self.data[layer, 1, rows, :, positions] = v[:, :, 0].to(self.data.dtype)
+
+    def view(self, layer: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[layer, 0, :, :, :window], self.data[layer, 1, :, :, :window]
+
+
+def window_for(max_position: int, max_len: int) -> int:
+    """Cache positions a decode step must read when the furthest slot writes at `max_position`."""
+    need = max_position + 1
+    return min(max_len, -(-need // WINDOW_BUCKET) * WINDOW_BUCKET)

@@ -1,0 +1,83 @@
+"""The decoder functions against the transformers language model on configs the tiny models lack:
+grouped-query attention, rope scaling, Mistral's sliding window, a long and a short row together."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MistralConfig,
+)
+
+from pipeline import decoder
+from pipeline.kv_cache import KVCache, window_for
+
+TEXT = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=2, max_position_embeddings=256)
+CONFIGS = {
+    "llama-gqa-linear-rope": LlamaConfig(**TEXT, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                  "rope_theta": 10000.0}),
+    "llama-llama3-rope": LlamaConfig(**TEXT, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "mistral-sliding": MistralConfig(**TEXT, sliding_window=6),
+}
+
+
+def build(text_config) -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14)
+    config = LlavaConfig(text_config=text_config, vision_config=vision, image_token_index=3)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # default init is too flat to separate positions; widen it
+        for p in model.model.language_model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else None
+    return model
+
+
+def reference_logits(model, embeds: torch.Tensor) -> torch.Tensor:
+    """Logits at every position of one unpadded row, by the transformers language model."""
+    out = model.model.language_model(inputs_embeds=embeds[None]).last_hidden_state
+    return model.lm_head(out)[0]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@torch.inference_mode()
+def test_prefill_and_decode_match_transformers(name):
+    model = build(CONFIGS[name])
+    lm = decoder.language_model(model)
+    cache = KVCache.allocate(len(lm.layers), 3, lm.kv_heads, 40, lm.head_dim, torch.float32, torch.device("cpu"))
+    lengths, steps = [11, 4], 9
+    full = [torch.randn(n + steps, TEXT["hidden_size"]) for n in lengths]
+    expected = [reference_logits(model, x) for x in full]
+    # Prefill both rows (right padded) into slots 2 and 0; slot 1 stays idle.
+    prompts = torch.nn.utils.rnn.pad_sequence([x[:n] for x, n in zip(full, lengths, strict=True)], batch_first=True)
+    logits = decoder.prefill(lm, cache, prompts, torch.tensor(lengths), torch.tensor([2, 0]))
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(logits[i], expected[i][n - 1], rtol=1e-4, atol=1e-4)
+    # Decode: feed each row's own next input embedding through the embedding table's place.
+    for t in range(steps):
+        pos = torch.tensor([lengths[1] + t, 0, lengths[0] + t])
+        rows = {2: full[0][lengths[0] + t], 0: full[1][lengths[1] + t]}
+        embed = lm.embed
+        table = torch.zeros(3, TEXT["hidden_size"])
+        for slot, x in rows.items():
+            table[slot] = x
+        object.__setattr__(lm, "embed", lambda ids, table=table: table[:, None])  # inject the embeddings
+        out = decoder.decode_step(lm, cache, torch.zeros(3, dtype=torch.long), pos, window_for(int(pos.max()), 40))
+        object.__setattr__(lm, "embed", embed)
+        torch.testing.assert_close(out[2], expected[0][lengths[0] + t], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[0], expected[1][lengths[1] + t], rtol=1e-4, atol=1e-4)
+
+
+def test_other_text_models_are_refused():
+    from transformers import Qwen2Config
+
+    model = build(Qwen2Config(**TEXT))
+    with pytest.raises(ValueError, match="qwen2"):
+        decoder.language_model(model)
