@@ -81,7 +81,9 @@ def test_overwrite_with_several_nodes_is_refused(env, capsys):
 @pytest.mark.slow
 def test_kill_9_of_one_worker_mid_job(env):
     root, model, manifest, expected = env
-    job, out = make_job(root, "killed", model, manifest)
+    # Two shards of 48 rows, one per worker: after the first chunks both workers are mid-shard for
+    # a long while, so the kill lands mid-shard however fast or loaded the machine is.
+    job, out = make_job(root, "killed", model, manifest, output={"rows_per_shard": 48})
     proc = run_cli("run", str(job), "--set", f"run.devices={TWO_CPUS}")
     wait_for(lambda: n_chunks(out) >= 2, what="first chunks")
     workers = descendants(proc.pid, "pipeline.worker")
