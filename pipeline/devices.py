@@ -170,3 +170,17 @@ def kv_cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """fp32 on CPU: its bf16/fp16 attention kernels for one query row run 3-6x slower than fp32
     (torch 2.14, AVX-512), which outweighs reading a cache twice the size. The model dtype elsewhere."""
     return torch.float32 if device.type == "cpu" else dtype
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory the device can still hand out (host MemAvailable for the CPU); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "npu" and npu_available():
+        return torch.npu.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None

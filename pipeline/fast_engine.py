@@ -25,7 +25,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from pipeline import decoder, devices, multimodal
-from pipeline.config import GenerationConfig
+from pipeline.config import ConfigError, GenerationConfig
 from pipeline.engine import HFEngine, Request, Result
 from pipeline.kv_cache import KVCache, window_for
 from pipeline.scheduler import Row, Slots, finish, pick
@@ -172,6 +172,27 @@ class FastEngine:
         seconds = time.perf_counter() - started
         self.stats[key] += seconds
         self.stats["busy_s"] += seconds
+
+
+def check_cache_fits(text_config, gen: GenerationConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """A KV cache the device cannot hold is a configuration error, raised before the weights load.
+
+    It is sized max_batch_size x (max_input_length + max_output_length): a 7B model at the defaults
+    (8 x 4224) needs 17 GB, the first thing to shrink on a smaller card.
+    """
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    slots, length = gen.max_batch_size, gen.max_input_length + gen.max_output_length
+    itemsize = devices.kv_cache_dtype(device, dtype).itemsize
+    need = 2 * text_config.num_hidden_layers * slots * kv_heads * length * head_dim * itemsize
+    free = devices.free_memory_bytes(device)
+    if free is not None and need > 0.9 * free:
+        raise ConfigError(
+            f"the KV cache for generation.max_batch_size={slots} x (max_input_length + max_output_length)={length} "
+            f"needs {need / 2**30:.1f} GiB but {device} has {free / 2**30:.1f} GiB free; lower "
+            "generation.max_input_length (llava-1.5 prompts are ~650 tokens, llava-v1.6 up to ~3000) "
+            "or generation.max_batch_size")
 
 
 def _error(stage: str, e: BaseException) -> str:

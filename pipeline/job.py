@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pipeline import devices, models
 from pipeline.config import JobConfig, fingerprint_view
 from pipeline.executors import make_pool, run_pool
-from pipeline.fast_engine import make_engine
+from pipeline.fast_engine import check_cache_fits, make_engine
 from pipeline.manifest import Manifest, open_manifest
 from pipeline.output import OutputDir, read_status
 from pipeline.runner import JobContext
@@ -83,6 +83,8 @@ def open_context(cfg: JobConfig, manifest: Manifest, out: OutputDir, info: model
     """Load the model once on `device_spec`: in this process, a worker process or a Ray actor."""
     device = devices.resolve_device(device_spec)
     dtype = devices.resolve_dtype(cfg.model.dtype, device)
+    if cfg.generation.engine == "fast":
+        check_cache_fits(models.text_config(info), cfg.generation, device, dtype)
     processor = models.load_processor(info, cfg.model.trust_remote_code)
     model = models.load_model(info, device, dtype, cfg.model.trust_remote_code)
     engine = make_engine(model, processor, cfg.generation, device)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoProcessor,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
@@ -74,6 +75,11 @@ def inspect_model(cfg: ModelConfig) -> ModelInfo:
 
 def _is_quantized(path: Path) -> bool:
     return any((path / n).is_file() for n in ("quant_model_description.json", "quant_model_description_w8a16.json"))
+
+
+def text_config(info: ModelInfo):
+    """The language model's config with transformers' defaults filled in (llava-hf configs omit many)."""
+    return AutoConfig.from_pretrained(info.path, local_files_only=True).text_config
 
 
 def load_processor(info: ModelInfo, trust_remote_code: bool = False):

@@ -31,6 +31,7 @@ CASES = {
     "missing model": ({"model": {"path": "/nonexistent/model"}}, "model.path"),
     "missing manifest": ({"input": {"manifest": "/nonexistent/m.parquet"}}, "input.manifest"),
     "missing column": ({"input": {"id_column": "uid"}}, "input.id_column"),
+    "KV cache too big": ({"generation": {"max_input_length": 200_000_000}}, "generation.max_input_length"),
 }
 
 
