@@ -79,3 +79,14 @@ def job_sections(model: Path, manifest: Path, out: Path, **overrides) -> dict:
     for section, values in overrides.items():
         sections.setdefault(section, {}).update(values)
     return sections
+
+
+def read_tensors(model_dir: Path) -> dict:
+    """Every tensor of every safetensors file in a model dir, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -17,16 +17,9 @@ import quant
 from quant import names, st_io
 from quant.linear import W8A16Linear
 from quant.qmath import quantize_rows
+from tests.conftest import read_tensors
 
 LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _tensors(model_dir):
-    out = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +77,7 @@ def test_quantize_rows_symmetric_per_channel():
 
 def test_builtin_layout(src, qdir):
     desc = json.loads((qdir / "quant_model_description.json").read_text())
-    tensors = _tensors(qdir)
+    tensors = read_tensors(qdir)
     assert desc["model_quant_type"] == "W8A16"
     assert set(desc) - {"model_quant_type", "version"} == set(tensors)  # an entry for every tensor
     quantized = {k for k, v in desc.items() if v == "W8A16" and k != "model_quant_type"}
@@ -113,7 +106,7 @@ def test_builtin_layout(src, qdir):
 def test_lm_weight_bytes_about_half_of_bf16(qdir):
     """int8 weights are exactly half of bf16; scale + offset add 2 values per output row, i.e.
     2 * itemsize / k relative (< 1% from k = 512 on; the bench preset figure is in bench_w8a16)."""
-    tensors, desc = _tensors(qdir), quant.read_description(qdir)
+    tensors, desc = read_tensors(qdir), quant.read_description(qdir)
     weights = [k for k, v in desc.items() if v == "W8A16" and k.endswith(".weight")]
     int8_bytes = sum(tensors[k].numel() for k in weights)
     assert int8_bytes == 0.5 * sum(tensors[k].numel() * 2 for k in weights)
@@ -127,12 +120,12 @@ def test_legacy_names_and_sharding(src, qdir, tmp_path):
     dst = quant.quantize(src, tmp_path / "legacy", backend="builtin", names="legacy", max_shard_bytes=64 << 10)
     index = json.loads((dst / "quant_model_weight_w8a16.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    legacy = _tensors(dst)
+    legacy = read_tensors(dst)
     assert set(index["weight_map"]) == set(legacy)
     assert "language_model.model.layers.0.self_attn.q_proj.weight_scale" in legacy
     assert "language_model.lm_head.weight" in legacy
     assert any(k.startswith("vision_tower.vision_model.") for k in legacy)
-    hf = _tensors(qdir)
+    hf = read_tensors(qdir)
     assert {names.to_hf(k) for k in legacy} == set(hf)
     assert all(torch.equal(t, hf[names.to_hf(k)]) for k, t in legacy.items())
 

@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 
 import quant
 from quant.linear import W8A16Linear
+from tests.conftest import read_tensors
 
 pytest.importorskip("msmodelslim")
-
-
-def _tensors(model_dir):
-    out = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def dirs(tiny_model, tmp_path_factory):
 
 
 def test_same_int8_and_scales(dirs):
-    ours, theirs = _tensors(dirs["builtin"]), _tensors(dirs["msmodelslim"])
+    ours, theirs = read_tensors(dirs["builtin"]), read_tensors(dirs["msmodelslim"])
     assert set(ours) == set(theirs)
     desc_ours = quant.read_description(dirs["builtin"])
     assert desc_ours == quant.read_description(dirs["msmodelslim"])
@@ -87,7 +79,7 @@ def test_captions_identical_from_both_dirs(dirs):
 
 def test_msmodelslim_legacy_names_and_old_description_name(dirs, tmp_path):
     legacy = quant.quantize(dirs["src"], tmp_path / "legacy", backend="msmodelslim", names="legacy")
-    tensors = _tensors(legacy)
+    tensors = read_tensors(legacy)
     assert "language_model.model.layers.1.mlp.down_proj.weight_scale" in tensors
     assert "language_model.lm_head.weight" in tensors
     assert json.loads((legacy / "quant_model_description.json").read_text())[
