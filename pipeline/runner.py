@@ -9,6 +9,8 @@ have results; either way chunks stay the plan's fixed row ranges, which exactly-
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -133,7 +135,9 @@ class _ChunkWriter:
         results = self.results.pop(k)
         table = _output_table(self.ctx, chunk, self.tables.pop(k), results, self.frames.pop(k), self.prompts.pop(k))
         meta = {"shard": chunk.shard, "chunk": k, "start": chunk.start, "stop": chunk.stop,
-                "seconds": time.perf_counter() - self.started.pop(k)}
+                "seconds": time.perf_counter() - self.started.pop(k),
+                # provenance: which process on which host wrote the chunk (ops, and the kill tests)
+                "host": socket.gethostname(), "pid": os.getpid()}
         self.ctx.out.commit_chunk(chunk.shard, k, table, meta)
         self.on_commit(chunk, results)
 

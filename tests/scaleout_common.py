@@ -3,6 +3,7 @@ captions from a plain single-process run, and finding worker processes to kill."
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from pipeline.cli import main
 from pipeline.demo import write_image
@@ -79,11 +81,13 @@ def descendants(root_pid: int, needle: str) -> list[int]:
     return found
 
 
-def wait_for(predicate, timeout: float = 300, what: str = "condition") -> None:
+def wait_for(predicate, timeout: float = 300, what: str = "condition"):
+    """The first truthy value of `predicate()`, polled until `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return
+        value = predicate()
+        if value:
+            return value
         time.sleep(0.05)
     raise TimeoutError(what)
 
@@ -91,3 +95,15 @@ def wait_for(predicate, timeout: float = 300, what: str = "condition") -> None:
 def n_chunks(out: Path) -> int:
     d = out / "captions"
     return len(list(d.glob("*.parquet"))) if d.is_dir() else 0
+
+
+def chunk_writers(out: Path) -> list[int]:
+    """Pids recorded in the committed chunk files' metadata."""
+    pids = []
+    for path in (out / "captions").glob("*.parquet"):
+        try:
+            meta = json.loads(pq.read_schema(path).metadata[b"llava_batch"])
+        except (OSError, KeyError):
+            continue
+        pids.append(meta["pid"])
+    return pids

@@ -13,10 +13,10 @@ import pytest
 from pipeline.cli import main
 from tests.scaleout_common import (
     captions,
+    chunk_writers,
     descendants,
     make_job,
     make_manifest,
-    n_chunks,
     reference,
     wait_for,
 )
@@ -41,15 +41,18 @@ def cluster():
 def test_ray_actor_killed_mid_shard_is_replaced_and_exactly_once(cluster, tiny_model, tmp_path, capsys):
     model, manifest = tiny_model("llava"), make_manifest(tmp_path, N_ROWS)
     expected = reference(tmp_path, model, manifest)
-    job, out = make_job(tmp_path, "ray", model, manifest)
+    # Two 48-row shards: an actor seen committing a chunk has ~15 more to go when it is killed.
+    job, out = make_job(tmp_path, "ray", model, manifest, output={"rows_per_shard": 48})
     killed: list[int] = []
 
+    def busy_actors() -> set[int]:
+        return set(chunk_writers(out)) & set(descendants(os.getpid(), "ShardActor"))
+
     def kill_one_actor() -> None:
-        wait_for(lambda: n_chunks(out) >= 2, what="first chunks")
-        actors = descendants(os.getpid(), "ray::ShardActor.run")
-        if actors:
-            os.kill(actors[0], signal.SIGKILL)
-            killed.append(actors[0])
+        busy = wait_for(busy_actors, what="an actor's chunk")
+        pid = busy.pop()
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
 
     killer = threading.Thread(target=kill_one_actor, daemon=True)
     killer.start()

@@ -17,6 +17,7 @@ from pipeline.manifest import Shard
 from pipeline.shard_queue import node_share
 from tests.scaleout_common import (
     captions,
+    chunk_writers,
     descendants,
     make_job,
     make_manifest,
@@ -88,7 +89,10 @@ def test_kill_9_of_one_worker_mid_job(env):
     wait_for(lambda: n_chunks(out) >= 2, what="first chunks")
     workers = descendants(proc.pid, "pipeline.worker")
     assert len(workers) == 2
-    os.kill(workers[0], signal.SIGKILL)
+    # Kill a worker seen committing a chunk of a 16-chunk shard: it is mid-shard, whichever
+    # worker loaded its model first.
+    busy = wait_for(lambda: set(chunk_writers(out)) & set(workers), what="a worker's chunk")
+    os.kill(busy.pop(), signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert "killed by signal 9; retrying shard" in stderr, "the kill must land mid-shard to mean anything"
