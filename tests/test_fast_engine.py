@@ -61,15 +61,16 @@ def oracle(model, processor, req: Request, max_new: int = MAX_NEW) -> tuple[str,
     return processor.tokenizer.decode(new, skip_special_tokens=True).strip(), len(new) if stop is None else stop + 1
 
 
-@pytest.mark.parametrize("family,slots", [
-    ("llava", 1), ("llava", 3), ("llava", 16),
-    ("llava_next", 2), ("llava_next", 16),
-    ("llava_next_video", 3), ("llava_next_video", 16),
+@pytest.mark.parametrize("family,slots,refill_at", [
+    ("llava", 1, None), ("llava", 3, None), ("llava", 16, None),
+    ("llava_next", 2, None), ("llava_next", 4, 3), ("llava_next", 16, None),
+    ("llava_next_video", 3, None), ("llava_next_video", 16, None),
 ])
-def test_token_exact_against_generate(family, slots, loaded, tmp_path):
+def test_token_exact_against_generate(family, slots, refill_at, loaded, tmp_path):
     info, processor, model = loaded(family)
     reqs = make_requests(info, processor, tmp_path, n_videos=2 if family == "llava_next_video" else 0)
-    engine = FastEngine(model, processor, GenerationConfig(max_batch_size=slots, max_output_length=MAX_NEW), CPU)
+    gen = GenerationConfig(max_batch_size=slots, max_output_length=MAX_NEW)
+    engine = FastEngine(model, processor, gen, CPU, refill_at=refill_at)  # 3 of 4: refill in groups
     results = engine.generate(reqs)
     for req, res in zip(reqs, results, strict=True):
         caption, n_out = oracle(model, processor, req)
