@@ -7,10 +7,12 @@ kill -9 at any instant loses at most the chunk being written and never leaves a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -22,6 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.config import ConfigError, fingerprint_view
 
 JOB_FILE = "_job.json"
+TMP_STALE_S = 3600.0
 _CHUNK_RE = re.compile(r"shard-(\d{5,})-chunk-(\d{5,})\.parquet$")
 
 RESULT_FIELDS = [
@@ -91,7 +94,17 @@ class OutputDir:
                 shutil.rmtree(path, ignore_errors=True)
         for path in (self.captions, self.stats, self.tmp):
             path.mkdir(parents=True, exist_ok=True)
+        self._sweep_tmp()
         self._atomic_write(self.root / JOB_FILE, lambda p: p.write_text(json.dumps(job, indent=2)))
+
+    def _sweep_tmp(self, older_than_s: float = TMP_STALE_S) -> None:
+        """Delete temp files a killed run left behind. A live writer's temp file is milliseconds
+        old (write, fsync, rename), so only files far older than any write are touched."""
+        cutoff = time.time() - older_than_s
+        for path in self.tmp.iterdir():
+            with contextlib.suppress(OSError):  # another run may sweep the same file
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
 
     # -- commits ------------------------------------------------------------------------------
     def _atomic_write(self, final: Path, write) -> None:

@@ -92,3 +92,19 @@ def test_processor_without_chat_template_uses_the_family_format(tiny_model, tmp_
         tiny_model("llava", chat_template=False), manifest, tmp_path / "out", generation={"prompt": "Hi"}))
     assert main(["run", str(job)]) == 0
     assert read_out(tmp_path / "out")[0]["prompt"] == "USER: <image>\nHi ASSISTANT:"
+
+
+def test_start_sweeps_stale_temp_files_only(tmp_path):
+    import os
+    import time
+
+    from pipeline.output import OutputDir
+
+    out = OutputDir(tmp_path / "out")
+    out.tmp.mkdir(parents=True)
+    stale, fresh = out.tmp / "shard-00000-chunk-00000.parquet.dead", out.tmp / "shard-00000-chunk-00001.parquet.live"
+    stale.write_bytes(b"left by a kill -9")
+    fresh.write_bytes(b"another run is writing this")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    out.start({"version": 1}, "resume")
+    assert not stale.exists() and fresh.exists()
