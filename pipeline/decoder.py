@@ -1,9 +1,10 @@
 """The Llama-family decoder (Llama / Vicuna, Mistral, Yi) over a static KV cache, as pure functions.
 
-Only the attention wiring is ours. Every weight is used through the Hugging Face module that owns it
-(q/k/v/o projections, RMSNorms, the SwiGLU MLP, the rotary embedding with the checkpoint's rope
-scaling, lm_head), so a W8A16Linear swapped in for an nn.Linear runs here unchanged, and numerics
-follow transformers step for step.
+Only the attention wiring is ours. Every weight is the Hugging Face module's own (RMSNorms, the rotary
+embedding with the checkpoint's rope scaling, o/down projections and lm_head through their modules), so
+a W8A16Linear swapped in for an nn.Linear runs here unchanged, and numerics follow transformers step
+for step. The one liberty: q/k/v and gate/up are each read as one matmul when they are plain
+nn.Linear (pipeline/fused_linear.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from pipeline.fused_linear import Projections, fuse
 from pipeline.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class Block:
+    """One decoder layer, with its q/k/v and gate/up projections each callable as one."""
+
+    layer: nn.Module
+    qkv: Projections
+    gate_up: Projections
 
 
 @dataclass(frozen=True)
@@ -24,7 +35,7 @@ class LanguageModel:
     """Handles on the modules of a LLaVA model's language model; holds no weights of its own."""
 
     embed: nn.Module
-    layers: nn.ModuleList
+    layers: list[Block]
     norm: nn.Module
     rotary: nn.Module
     lm_head: nn.Module
@@ -36,15 +47,23 @@ class LanguageModel:
 SUPPORTED_TEXT_MODELS = ("llama", "mistral")
 
 
-def language_model(model: nn.Module) -> LanguageModel:
-    """The decoder of a Llava*ForConditionalGeneration; ValueError for text models we do not run."""
+def check_supported(model: nn.Module) -> None:
+    """ValueError for text models the fast engine does not run."""
     text = model.config.text_config
     if text.model_type not in SUPPORTED_TEXT_MODELS:
         raise ValueError(f"fast engine runs {'/'.join(SUPPORTED_TEXT_MODELS)} language models, "
                          f"not {text.model_type!r}")
+
+
+def language_model(model: nn.Module) -> LanguageModel:
+    """The decoder of a Llava*ForConditionalGeneration, its projections fused (see fused_linear)."""
+    check_supported(model)
+    text = model.config.text_config
     lm = model.model.language_model
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return LanguageModel(lm.embed_tokens, lm.layers, lm.norm, lm.rotary_emb, model.lm_head,
+    blocks = [Block(layer, fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                    fuse([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in lm.layers]
+    return LanguageModel(lm.embed_tokens, blocks, lm.norm, lm.rotary_emb, model.lm_head,
                          text.num_key_value_heads, head_dim, getattr(text, "sliding_window", None))
 
 
@@ -52,23 +71,22 @@ def language_model(model: nn.Module) -> LanguageModel:
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _layer(index: int, layer: nn.Module, x: torch.Tensor, rope, attend: Attend) -> torch.Tensor:
-    attn = layer.self_attn
-    h = layer.input_layernorm(x)
+def _layer(index: int, block: Block, x: torch.Tensor, rope, attend: Attend) -> torch.Tensor:
+    layer = block.layer
+    attn, mlp = layer.self_attn, layer.mlp
     shape = (*x.shape[:2], -1, attn.head_dim)
-    q = attn.q_proj(h).view(shape).transpose(1, 2)
-    k = attn.k_proj(h).view(shape).transpose(1, 2)
-    v = attn.v_proj(h).view(shape).transpose(1, 2)
+    q, k, v = (t.view(shape).transpose(1, 2) for t in block.qkv(layer.input_layernorm(x)))
     q, k = apply_rotary_pos_emb(q, k, *rope)
     out = attend(index, q, k, v).transpose(1, 2).reshape(*x.shape[:2], -1)
     x = x + attn.o_proj(out)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    gate, up = block.gate_up(layer.post_attention_layernorm(x))
+    return x + mlp.down_proj(mlp.act_fn(gate) * up)  # LlamaMLP.forward, on the fused gate/up
 
 
 def _run(lm: LanguageModel, x: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
     rope = lm.rotary(x, positions)
-    for i, layer in enumerate(lm.layers):
-        x = _layer(i, layer, x, rope, attend)
+    for i, block in enumerate(lm.layers):
+        x = _layer(i, block, x, rope, attend)
     return x
 
 
@@ -108,7 +126,7 @@ def prefill(lm: LanguageModel, cache: KVCache, embeds: torch.Tensor, lengths: to
 
     def attend(i, q, k, v):
         cache.write_prefill(i, slots, k, v)
-        scale = lm.layers[i].self_attn.scaling
+        scale = lm.layers[i].layer.self_attn.scaling
         return _sdpa(q, k, v, mask, scale, causal=mask is None)
 
     x = _run(lm, embeds, positions, attend)
@@ -130,7 +148,7 @@ def decode_step(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positio
         cache.write_step(i, positions, k, v)
         keys, values = cache.view(i, window)
         # The cache may be wider than the model (fp32 on CPU, see devices.kv_cache_dtype).
-        return _sdpa(q.to(keys.dtype), keys, values, mask, lm.layers[i].self_attn.scaling).to(q.dtype)
+        return _sdpa(q.to(keys.dtype), keys, values, mask, lm.layers[i].layer.self_attn.scaling).to(q.dtype)
 
     x = _run(lm, x, positions[:, None], attend)
     return lm.lm_head(lm.norm(x[:, 0]))

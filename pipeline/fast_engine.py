@@ -288,7 +288,7 @@ _HF_ONLY = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_token
 def unsupported(model) -> str | None:
     """Why the fast engine cannot run `model` token-exactly (None: it can)."""
     try:
-        decoder.language_model(model)
+        decoder.check_supported(model)
     except ValueError as e:
         return str(e)
     gen = model.generation_config
