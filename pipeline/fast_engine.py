@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import pad_sequence
 from pipeline import decoder, devices, multimodal
 from pipeline.config import ConfigError, GenerationConfig
 from pipeline.engine import HFEngine, Request, Result
-from pipeline.kv_cache import KVCache, window_for
+from pipeline.kv_cache import GRAPH_WINDOW_BUCKET, WINDOW_BUCKET, KVCache, window_for
 from pipeline.scheduler import Row, Slots, finish, pick
 
 _END = object()
@@ -52,6 +52,7 @@ class FastEngine:
         # row, a 1-row one ~18 ms, while an empty slot wastes only 1/max_batch_size of a decode step.
         self.refill_at = refill_at or max(1, gen.max_batch_size // REFILL_FRACTION)
         self._decode = devices.graph_compile(decoder.decode_step, device) if compile else decoder.decode_step
+        self.window_bucket = GRAPH_WINDOW_BUCKET if compile else WINDOW_BUCKET
         self.stats = {"busy_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "prefill_tokens": 0,
                       "generated_tokens": 0}
 
@@ -147,7 +148,7 @@ class FastEngine:
         pos = [0] * self.cache.slots
         for i in active:
             last[i], pos[i] = slots.rows[i].tokens[-1], slots.position(i)
-        window = window_for(max(pos), self.cache.max_len)
+        window = window_for(max(pos), self.cache.max_len, self.window_bucket)
         try:
             logits = self._decode(self.lm, self.cache, torch.tensor(last, device=self.device),
                                   torch.tensor(pos, device=self.device), window)
