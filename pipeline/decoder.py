@@ -152,3 +152,42 @@ def decode_step(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positio
 
     x = _run(lm, x, positions[:, None], attend)
     return lm.lm_head(lm.norm(x[:, 0]))
+
+
+def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                       window: int, prompts: list[torch.Tensor], slots: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_step` for every slot and the prefill of `prompts` ([n_i, hidden] each) into free
+    `slots`, in one pass over the weights.
+
+    The prompts' tokens ride in the decode step's matmuls (M = slots + prompt tokens) instead of a
+    pass of their own, so a freed slot can be refilled at once instead of waiting for company.
+    Tokens are packed as [tokens, 1, hidden]: only attention tells decode rows from prompt rows.
+    Returns (decode logits [slots, vocab], last-token logits of each prompt [len(prompts), vocab]).
+    """
+    n = tokens.shape[0]
+    lengths = [p.shape[0] for p in prompts]
+    starts = [n + sum(lengths[:r]) for r in range(len(prompts))]
+    device = tokens.device
+    x = torch.cat([lm.embed(tokens), *prompts])[:, None]
+    pos = torch.cat([positions, *(torch.arange(m, device=device) for m in lengths)])
+    step_mask = decode_mask(positions, window, lm.sliding_window)
+    prompt_masks = {m: prefill_mask(m, lm.sliding_window, device) for m in set(lengths)}
+
+    def attend(i, q, k, v):  # [tokens, heads, 1, head_dim]
+        scale = lm.layers[i].layer.self_attn.scaling
+        # Idle slots write garbage at position 0 here; the prompt written next overwrites its slot's.
+        cache.write_step(i, positions, k[:n], v[:n])
+        keys, values = cache.view(i, window)
+        out = [_sdpa(q[:n].to(keys.dtype), keys, values, step_mask, scale).to(q.dtype)]
+        for r, (start, m) in enumerate(zip(starts, lengths, strict=True)):
+            qr, kr, vr = (t[start:start + m].transpose(0, 2) for t in (q, k, v))  # [1, heads, m, head_dim]
+            cache.write_prefill(i, slots[r:r + 1], kr, vr)
+            mask = prompt_masks[m]
+            out.append(_sdpa(qr, kr, vr, mask, scale, causal=mask is None).transpose(0, 2))
+        return torch.cat(out)
+
+    x = _run(lm, x, pos[:, None], attend)[:, 0]
+    last = torch.tensor([s + m - 1 for s, m in zip(starts, lengths, strict=True)], device=device)
+    logits = lm.lm_head(lm.norm(torch.cat([x[:n], x[last]])))
+    return logits[:n], logits[n:]

@@ -117,3 +117,10 @@ class HFEngine:
         return Result(caption=caption, n_prompt_tokens=int(n_prompt),
                       n_output_tokens=len(tokens) if stop is None else stop + 1,
                       finish_reason="length" if stop is None else "stop")
+
+
+def stage_error(stage: str, e: BaseException) -> str:
+    """A row's error text for an exception raised while `stage` ran on it."""
+    if devices.is_oom(e):
+        return f"device out of memory: {str(e).splitlines()[0][:200]}"
+    return f"{stage} failed: {type(e).__name__}: {str(e)[:200]}"

@@ -6,19 +6,18 @@
 
 Each step decodes one token for every slot ([max_batch_size, 1], one shape all run). A row that
 stops (EOS or max_output_length) frees its slot; once a quarter of the slots are free the next
-queued rows are prefilled into them together while the others keep decoding, so nobody waits for
-the slowest caption of a batch and nothing is padded to the longest prompt. Requests are run
-through the processor on a helper thread ahead of need, so the engine only waits for input when
-every slot is empty.
+queued rows are prefilled into them *inside the next decode step* (their prompt tokens ride in the
+same matmuls, decoder.decode_and_prefill), so nobody waits for the slowest caption of a batch,
+nothing is padded to the longest prompt, and a refill costs no pass over the weights of its own.
+Requests are run through the processor on a helper thread ahead of need (pipeline/feeder.py), so
+the engine only waits for input when every slot is empty.
 
 Greedy fp32 output is the same as transformers `generate` (the tests hold it to that).
 """
 
 from __future__ import annotations
 
-import queue
 import sys
-import threading
 import time
 from collections.abc import Iterable, Iterator
 
@@ -27,13 +26,12 @@ from torch.nn.utils.rnn import pad_sequence
 
 from pipeline import decoder, devices, multimodal
 from pipeline.config import ConfigError, GenerationConfig
-from pipeline.engine import HFEngine, Request, Result
+from pipeline.engine import HFEngine, Request, Result, stage_error
+from pipeline.feeder import Feeder
 from pipeline.kv_cache import GRAPH_WINDOW_BUCKET, WINDOW_BUCKET, KVCache, window_for
 from pipeline.scheduler import Row, Slots, finish, pick
 
-_END = object()
-GATHER_S = 0.1
-REFILL_FRACTION = 4  # refill once a quarter of the slots are free (tuned on W1/W2: 2-5 were close)
+REFILL_FRACTION = 4  # refill once a quarter of the slots are free (W1 on the dev CPU: 1 and 4 slots were even)
 
 
 class FastEngine:
@@ -48,13 +46,14 @@ class FastEngine:
         self.cache = KVCache.allocate(len(self.lm.layers), gen.max_batch_size, self.lm.kv_heads,
                                       gen.max_input_length + gen.max_output_length, self.lm.head_dim,
                                       devices.kv_cache_dtype(device, self.dtype), device)
-        # Refill waits for this many free slots (see _run): on the dev CPU a 4-row prefill costs ~11 ms a
-        # row, a 1-row one ~18 ms, while an empty slot wastes only 1/max_batch_size of a decode step.
+        # Refill waits for this many free slots (see _run): each refill adds prompt rows to a step,
+        # while an empty slot wastes only 1/max_batch_size of one.
         self.refill_at = refill_at or max(1, gen.max_batch_size // REFILL_FRACTION)
         self._decode = devices.graph_compile(decoder.decode_step, device) if compile else decoder.decode_step
         self.window_bucket = GRAPH_WINDOW_BUCKET if compile else WINDOW_BUCKET
-        self.stats = {"busy_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "steps": 0, "prefill_tokens": 0,
-                      "generated_tokens": 0}
+        # busy_s = prefill_s (nothing decoding) + decode_s + mixed_s (decode steps carrying a refill)
+        self.stats = {"busy_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "mixed_s": 0.0, "steps": 0,
+                      "prefill_tokens": 0, "generated_tokens": 0}
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -73,28 +72,29 @@ class FastEngine:
     @torch.inference_mode()
     def _run(self, tagged: Iterable[tuple[object, Request]]) -> Iterator[tuple[object, Request, Result]]:
         slots = Slots(self.cache.slots, self.gen.max_output_length, self.eos_ids, self.ignore_eos)
-        feed = _Feeder(self.processor, tagged, lookahead=2 * self.cache.slots)
+        feed = Feeder(self.processor, tagged, lookahead=2 * self.cache.slots)
         try:
             exhausted = False
             while True:
                 free = slots.free()
                 idle = len(free) == self.cache.slots
-                # Refill in groups: a prefill of one or two rows leaves the matmuls mostly idle, so
-                # wait until refill_at slots are free (fewer when fewer rows are left, any when
-                # nothing decodes), at the price of a few empty slots in the decode steps meanwhile.
+                ready = []
+                # Refill once refill_at slots are free (fewer when fewer rows are left, any when
+                # nothing decodes); block for input only when nothing is decoding.
                 if free and not exhausted and (idle or len(free) >= min(self.refill_at, feed.left())):
-                    # Block for input only when nothing is decoding; else take what is ready.
                     items, exhausted = feed.take(len(free), block=idle)
-                    yield from self._admit(slots, free, items)
-                if not slots.active():
-                    if exhausted:
-                        return
-                    continue
-                yield from self._step(slots)
+                    ready = yield from self._screen(items)
+                if slots.active():
+                    yield from self._step(slots, free, ready)
+                elif ready:
+                    yield from self._prefill_groups(slots, free, ready)
+                elif exhausted:
+                    return
         finally:
             feed.close()
 
-    def _admit(self, slots: Slots, free: list[int], items: list) -> Iterator[tuple[object, Request, Result]]:
+    def _screen(self, items: list) -> Iterator:
+        """Yields the rows that fail before the model (preprocessing, length); returns the rest."""
         ready = []
         for tag, req, enc in items:
             if isinstance(enc, Result):
@@ -105,34 +105,32 @@ class FastEngine:
                     f"prompt too long: {n} tokens (prompt + media) > max_input_length {self.gen.max_input_length}"))
             else:
                 ready.append((tag, req, enc))
-        for kind in ("image", "video"):
-            group = [x for x in ready if x[1].kind == kind]
-            if group:
-                yield from self._prefill_group(slots, free[:len(group)], group)
-                free = free[len(group):]
+        return ready
+
+    # -- prefill on its own (nothing is decoding, or a mixed step failed) -------------------------
+
+    def _prefill_groups(self, slots: Slots, free: list[int], ready: list) -> Iterator:
+        for group in _by_kind(ready):
+            yield from self._prefill_group(slots, free[:len(group)], group)
+            free = free[len(group):]
 
     def _prefill_group(self, slots: Slots, free: list[int], group: list) -> Iterator:
-        rows = [Row(tag, req, len(enc.input_ids), generator=self._generator(req)) for tag, req, enc in group]
+        rows = [self._row(tag, req, enc) for tag, req, enc in group]
         try:
             first = self._prefill(free, group, rows)
         except Exception as e:  # noqa: BLE001 - one bad row must not stop its neighbours
             if len(group) == 1:
                 devices.empty_cache(self.device)
-                yield group[0][0], group[0][1], Result(error=_error("prefill", e))
+                yield group[0][0], group[0][1], Result(error=stage_error("prefill", e))
                 return
             for slot, item in zip(free, group, strict=False):
                 yield from self._prefill_group(slots, [slot], [item])
             return
-        for slot, row, token in zip(free, rows, first, strict=True):
-            slots.place(slot, row)
-            done = slots.push(slot, token)
-            if done is not None:
-                yield row.tag, row.request, self._finish(done)
+        yield from self._place(slots, free, rows, first)
 
     def _prefill(self, free: list[int], group: list, rows: list[Row]) -> list[int]:
         started = time.perf_counter()
-        kind = group[0][1].kind
-        embeds = multimodal.embed(self.model, kind, [enc for _, _, enc in group], self.dtype, self.device)
+        embeds = multimodal.embed(self.model, group[0][1].kind, [enc for _, _, enc in group], self.dtype, self.device)
         lengths = torch.tensor([len(e) for e in embeds], device=self.device)
         logits = decoder.prefill(self.lm, self.cache, pad_sequence(embeds, batch_first=True), lengths,
                                  torch.tensor(free, device=self.device))
@@ -141,32 +139,77 @@ class FastEngine:
         self.stats["prefill_tokens"] += int(lengths.sum())
         return tokens
 
-    def _step(self, slots: Slots) -> Iterator[tuple[object, Request, Result]]:
-        started = time.perf_counter()
+    def _place(self, slots: Slots, free: list[int], rows: list[Row], first: list[int]) -> Iterator:
+        for slot, row, token in zip(free, rows, first, strict=True):
+            slots.place(slot, row)
+            done = slots.push(slot, token)
+            if done is not None:
+                yield row.tag, row.request, self._finish(done)
+
+    # -- a decode step, with the new rows' prefill riding along -----------------------------------
+
+    def _step(self, slots: Slots, free: list[int], ready: list) -> Iterator[tuple[object, Request, Result]]:
+        started = time.perf_counter()  # the vision tower included: it is device work too
+        new = yield from self._embed(ready)
         active = slots.active()
-        last = [0] * self.cache.slots
-        pos = [0] * self.cache.slots
+        last, pos = [0] * self.cache.slots, [0] * self.cache.slots
         for i in active:
             last[i], pos[i] = slots.rows[i].tokens[-1], slots.position(i)
         window = window_for(max(pos), self.cache.max_len, self.window_bucket)
+        inputs = (self.lm, self.cache, torch.tensor(last, device=self.device), torch.tensor(pos, device=self.device),
+                  window)
+        rows = [self._row(tag, req, enc) for tag, req, enc, _ in new]
         try:
-            logits = self._decode(self.lm, self.cache, torch.tensor(last, device=self.device),
-                                  torch.tensor(pos, device=self.device), window)
+            if new:
+                targets = torch.tensor(free[:len(new)], device=self.device)
+                logits, prompt_logits = decoder.decode_and_prefill(*inputs, [e for *_, e in new], targets)
+                first = pick(prompt_logits, rows, self.gen.do_sample, self.gen.temperature, self.gen.top_p)
+            else:
+                logits = self._decode(*inputs)
             tokens = pick(logits, slots.rows, self.gen.do_sample, self.gen.temperature, self.gen.top_p)
         except Exception as e:  # noqa: BLE001 - a failed step fails the rows in it, not the job
             devices.empty_cache(self.device)
+            if new:  # retry apart: the new rows' prefill can then fail row by row
+                yield from self._prefill_groups(slots, free, [item[:3] for item in new])
+                yield from self._step(slots, [], [])
+                return
             for i in active:
                 row, slots.rows[i] = slots.rows[i], None
-                yield row.tag, row.request, Result(n_prompt_tokens=row.n_prompt, error=_error("decode", e))
+                yield row.tag, row.request, Result(n_prompt_tokens=row.n_prompt, error=stage_error("decode", e))
             return
-        self._account("decode_s", started)
+        self._account("mixed_s" if new else "decode_s", started)
         self.stats["steps"] += 1
+        self.stats["prefill_tokens"] += sum(len(e) for *_, e in new)
         for i in active:
             done = slots.push(i, tokens[i])
             if done is not None:
                 yield done.tag, done.request, self._finish(done)
+        if new:
+            yield from self._place(slots, free[:len(new)], rows, first)
+
+    def _embed(self, ready: list) -> Iterator:
+        """Prompt embeddings of the new rows, one vision-tower call per media kind; a group that
+        fails is retried row by row, and the rows that still fail are yielded. Returns
+        [(tag, request, encoded, embeddings)]."""
+        out = []
+        for group in _by_kind(ready):
+            try:
+                embeds = multimodal.embed(self.model, group[0][1].kind, [enc for *_, enc in group], self.dtype,
+                                          self.device)
+            except Exception as e:  # noqa: BLE001 - one bad row must not stop its neighbours
+                if len(group) == 1:
+                    yield group[0][0], group[0][1], Result(error=stage_error("prefill", e))
+                    continue
+                for item in group:
+                    out += yield from self._embed([item])
+                continue
+            out += [(*item, e) for item, e in zip(group, embeds, strict=True)]
+        return out
 
     # -- helpers ------------------------------------------------------------------------------------
+
+    def _row(self, tag, req: Request, enc) -> Row:
+        return Row(tag, req, len(enc.input_ids), generator=self._generator(req))
 
     def _finish(self, row: Row) -> Result:
         self.stats["generated_tokens"] += len(row.tokens)
@@ -205,80 +248,12 @@ def check_cache_fits(text_config, gen: GenerationConfig, device: torch.device, d
             "or generation.max_batch_size")
 
 
-def _error(stage: str, e: BaseException) -> str:
-    if devices.is_oom(e):
-        return f"device out of memory: {str(e).splitlines()[0][:200]}"
-    return f"{stage} failed: {type(e).__name__}: {str(e)[:200]}"
-
-
-class _Feeder:
-    """Pulls requests and runs the processor on them on a helper thread, `lookahead` rows ahead.
-
-    The caller's iterator is consumed on that thread (one consumer at a time), so a slow media
-    decode upstream stalls the engine only once every slot has emptied.
-    """
-
-    def __init__(self, processor, tagged: Iterable, lookahead: int):
-        self.processor, self.q = processor, queue.Queue(maxsize=lookahead)
-        self.stop, self.read_all = threading.Event(), threading.Event()
-        self.thread = threading.Thread(target=self._fill, args=(iter(tagged),), daemon=True, name="encode")
-        self.thread.start()
-
-    def _fill(self, it) -> None:
-        try:
-            for tag, req in it:
-                try:
-                    enc = multimodal.encode(self.processor, req)
-                except Exception as e:  # noqa: BLE001 - e.g. an image the processor cannot resize
-                    enc = Result(error=_error("preprocess", e))
-                if not self._put((tag, req, enc)):
-                    return
-            if self._put(_END):
-                self.read_all.set()
-        except BaseException as e:  # noqa: BLE001 - the upstream iterator failed: re-raised in take()
-            self._put(e)
-
-    def _put(self, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def left(self) -> int:
-        """Rows still to take once the input is read to its end (sys.maxsize until then)."""
-        return self.q.qsize() - 1 if self.read_all.is_set() else sys.maxsize
-
-    def take(self, n: int, block: bool) -> tuple[list, bool]:
-        """Up to n items; returns (items, exhausted). Without `block`, only what is ready.
-
-        With `block` (every slot empty: nothing to overlap with) it waits for the first item, then
-        up to GATHER_S for the rest, so a cold start prefills one batch instead of a trickle.
-        """
-        items, deadline = [], time.perf_counter() + GATHER_S
-        while len(items) < n:
-            if not items:  # the first item: as long as it takes, when blocking
-                wait = None
-            else:
-                wait = max(deadline - time.perf_counter(), 0.0) if block else 0.0
-            try:
-                item = self.q.get(block=block and wait != 0.0, timeout=wait)
-            except queue.Empty:
-                break
-            if not items:
-                deadline = time.perf_counter() + GATHER_S
-            if item is _END:
-                return items, True
-            if isinstance(item, BaseException):
-                raise item
-            items.append(item)
-        return items, False
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
+def _by_kind(ready: list) -> Iterator[list]:
+    """The rows of each media kind together: one vision-tower call per kind."""
+    for kind in ("image", "video"):
+        group = [item for item in ready if item[1].kind == kind]
+        if group:
+            yield group
 
 
 # Generation settings transformers would apply that the fast engine does not implement.

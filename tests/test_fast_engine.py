@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import models
+from pipeline import decoder, models
 from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.demo import synthetic_image, write_video
 from pipeline.engine import HFEngine, Request
@@ -81,6 +81,24 @@ def test_token_exact_against_generate(family, slots, refill_at, loaded, tmp_path
     assert len({r.n_prompt_tokens for r in results}) > 1, "rows must have different prompt lengths"
     if slots < len(reqs):
         assert engine.stats["steps"] < sum(r.n_output_tokens for r in results)
+    if 1 < slots < len(reqs):  # one slot: nothing decodes while a refill prefills
+        assert engine.stats["mixed_s"] > 0, "refills must have ridden in decode steps"
+
+
+def test_a_failing_mixed_step_falls_back_to_separate_prefill_and_decode(loaded, tmp_path, monkeypatch):
+    """The new rows then prefill on their own (row by row when they must), and nothing is lost."""
+    info, processor, model = loaded("llava")
+    reqs = make_requests(info, processor, tmp_path, n_images=5)
+    gen = GenerationConfig(max_batch_size=2, max_output_length=MAX_NEW)
+    expected = FastEngine(model, processor, gen, CPU).generate(reqs)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device said no")
+
+    monkeypatch.setattr(decoder, "decode_and_prefill", broken)
+    engine = FastEngine(model, processor, gen, CPU, refill_at=1)
+    assert engine.generate(reqs) == expected
+    assert engine.stats["mixed_s"] == 0 and engine.stats["prefill_s"] > 0
 
 
 def test_sixteen_rows_sixteen_slots_match_hf_engine(loaded, tmp_path):
