@@ -53,7 +53,7 @@ class FastEngine:
         self.window_bucket = GRAPH_WINDOW_BUCKET if compile else WINDOW_BUCKET
         # busy_s = prefill_s (nothing decoding) + decode_s + mixed_s (decode steps carrying a refill)
         self.stats = {"busy_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "mixed_s": 0.0, "steps": 0,
-                      "prefill_tokens": 0, "generated_tokens": 0}
+                      "mixed_steps": 0, "prefill_tokens": 0, "generated_tokens": 0}
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -179,6 +179,7 @@ class FastEngine:
             return
         self._account("mixed_s" if new else "decode_s", started)
         self.stats["steps"] += 1
+        self.stats["mixed_steps"] += bool(new)
         self.stats["prefill_tokens"] += sum(len(e) for *_, e in new)
         for i in active:
             done = slots.push(i, tokens[i])
