@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.backends.common import aot_autograd
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -97,6 +98,32 @@ def test_decode_with_prompts_riding_along_matches_separate_passes(name):
     torch.testing.assert_close(first_mixed, first, rtol=1e-4, atol=1e-4)
     for slot, n in [(0, 10), (2, 15), (3, 4), (1, 7), (4, 12)]:  # what later steps will read
         torch.testing.assert_close(mixed.data[:, :, slot, :, :n], apart.data[:, :, slot, :, :n])
+
+
+@torch.inference_mode()
+def test_captured_decode_step_writes_the_cache_in_place():
+    """generation.compile: traced, an in-place cache write turns into a copy of the whole cache every
+    step (functionalization); the write must stay outside the graphs. aot_autograd traces the way
+    inductor and CUDA graphs do; its forward graphs are inspected for cache-sized tensors."""
+    model = build(CONFIGS["llama-gqa-linear-rope"])
+    lm = decoder.language_model(model)
+    cache = KVCache.allocate(len(lm.layers), 4, lm.kv_heads, 64, lm.head_dim, torch.float32, torch.device("cpu"))
+    cache.data.normal_()
+    eager = KVCache(cache.data.clone())
+    cache_sized = []
+
+    def forward_graph(gm, example_inputs):
+        cache_sized.extend(str(node.target) for node in gm.graph.nodes
+                           if isinstance(node.meta.get("val"), torch.Tensor)
+                           and node.meta["val"].numel() >= cache.data.numel())
+        return gm
+
+    step = torch.compile(decoder.decode_step, backend=aot_autograd(fw_compiler=forward_graph), dynamic=False)
+    tokens, positions = torch.tensor([5, 9, 2, 7]), torch.tensor([3, 10, 0, 6])
+    out = step(lm, cache, tokens, positions, 32)
+    assert cache_sized == []
+    torch.testing.assert_close(out, decoder.decode_step(lm, eager, tokens, positions, 32))
+    torch.testing.assert_close(cache.data, eager.data)
 
 
 def test_other_text_models_are_refused():
