@@ -67,7 +67,7 @@ def run_perf(args) -> dict:
     n_input = int(processor(text=[prompt], images=[request.image], return_tensors="pt")["input_ids"].shape[1])
     rows = []
     for n in sizes:
-        row = _measure(lambda length, n=n: _fast(model, processor, device, [request] * n, n_input, length),
+        row = _measure(lambda length, n=n: _fast(model, processor, device, [request] * n, n_input, length, args.compile),
                        n, n_input, args.output_length)
         if args.compare == "hf":
             hf = _measure(lambda length, n=n: _hf(model, processor, device, [request] * n, length),
@@ -111,9 +111,9 @@ def _measure(run, n: int, n_input: int, length: int, repeats: int = 2) -> dict:
             "e2e_s": round(full, 3), "tokens_per_s": round(n * length / full, 2)}
 
 
-def _fast(model, processor, device, requests: list[Request], n_input: int, length: int) -> float:
+def _fast(model, processor, device, requests: list[Request], n_input: int, length: int, compile: bool) -> float:
     gen = GenerationConfig(max_batch_size=len(requests), max_input_length=n_input, max_output_length=length)
-    engine = FastEngine(model, processor, gen, device, ignore_eos=True)
+    engine = FastEngine(model, processor, gen, device, ignore_eos=True, compile=compile)
     started = time.perf_counter()
     results = engine.generate(requests)
     devices.synchronize(device)

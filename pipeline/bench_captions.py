@@ -48,7 +48,8 @@ def run_fast(args) -> dict:
         "model": {"path": str(Path(args.model).resolve()), "dtype": args.dtype, "device": args.device},
         "input": {"manifest": [str(Path(args.manifest).resolve())]},
         "generation": {"prompt": args.prompt, "max_batch_size": args.max_batch_size,
-                       "max_output_length": args.max_output_length, "max_input_length": 1024, "engine": "fast"},
+                       "max_output_length": args.max_output_length, "max_input_length": 1024, "engine": "fast",
+                       "compile": args.compile},
         "output": {"dir": str(out), "mode": "overwrite", "rows_per_shard": 100_000, "chunk_rows": 100},
         "run": {"progress": False},
     })

@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-output-length", type=int, default=128, help="captions: EOS-driven, up to this")
     p.add_argument("--hf-batch-sizes", default="8,16", help="captions: static batch sizes for the hf loop")
     p.add_argument("--engines", default="fast", help="captions: comma separated, fast and/or hf")
+    p.add_argument("--compile", action="store_true", help="fast engine: capture the decode step (generation.compile)")
     p.set_defaults(func=_cmd_bench)
 
     try:
