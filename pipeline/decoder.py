@@ -136,10 +136,11 @@ def prefill(lm: LanguageModel, cache: KVCache, embeds: torch.Tensor, lengths: to
 
 def decode_step(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
                 window: int) -> torch.Tensor:
-    """One token for every slot at once: tokens, positions [slots] -> logits [slots, vocab].
+    """One token for each of the first n slots: tokens, positions [n] -> logits [n, vocab].
 
-    The shape is the cache's slot count whatever the number of live rows; idle slots compute
-    garbage that nobody reads, which is cheaper than changing shapes.
+    Eager callers pass the live rows only (the engine keeps them in slots [0, n)); captured graphs
+    pass every slot, whatever the number of live rows, so the shape never changes: idle slots then
+    compute garbage that nobody reads.
     """
     x = lm.embed(tokens[:, None])
     mask = decode_mask(positions, window, lm.sliding_window)
@@ -160,7 +161,7 @@ def _attend_step(cache: KVCache, layer: int, q, k, v, positions: torch.Tensor, w
     copy of the whole cache every step (functionalization), 1.6 s a step for a 300 MB cache here.
     """
     cache.write_step(layer, positions, k, v)
-    keys, values = cache.view(layer, window)
+    keys, values = cache.view(layer, window, positions.shape[0])
     # The cache may be wider than the model (fp32 on CPU, see devices.kv_cache_dtype).
     return _sdpa(q.to(keys.dtype), keys, values, mask, scale).to(q.dtype)
 
@@ -168,13 +169,13 @@ def _attend_step(cache: KVCache, layer: int, q, k, v, positions: torch.Tensor, w
 def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
                        window: int, prompts: list[torch.Tensor], slots: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`decode_step` for every slot and the prefill of `prompts` ([n_i, hidden] each) into free
-    `slots`, in one pass over the weights.
+    """`decode_step` for the first n slots and the prefill of `prompts` ([n_i, hidden] each) into
+    free `slots` (any index), in one pass over the weights.
 
     The prompts' tokens ride in the decode step's matmuls (M = slots + prompt tokens) instead of a
     pass of their own, so a freed slot can be refilled at once instead of waiting for company.
     Tokens are packed as [tokens, 1, hidden]: only attention tells decode rows from prompt rows.
-    Returns (decode logits [slots, vocab], last-token logits of each prompt [len(prompts), vocab]).
+    Returns (decode logits [n, vocab], last-token logits of each prompt [len(prompts), vocab]).
     """
     n = tokens.shape[0]
     lengths = [p.shape[0] for p in prompts]

@@ -51,6 +51,7 @@ class FastEngine:
         self.refill_at = refill_at or max(1, gen.max_batch_size // REFILL_FRACTION)
         self._decode = devices.graph_compile(decoder.decode_step, device) if compile else decoder.decode_step
         self.window_bucket = GRAPH_WINDOW_BUCKET if compile else WINDOW_BUCKET
+        self.compact = not compile
         # busy_s = prefill_s (nothing decoding) + decode_s + mixed_s (decode steps carrying a refill)
         self.stats = {"busy_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "mixed_s": 0.0, "steps": 0,
                       "mixed_steps": 0, "prefill_tokens": 0, "generated_tokens": 0}
@@ -76,6 +77,7 @@ class FastEngine:
         try:
             exhausted = False
             while True:
+                self._compact(slots)
                 free = slots.free()
                 idle = len(free) == self.cache.slots
                 ready = []
@@ -152,7 +154,8 @@ class FastEngine:
         started = time.perf_counter()  # the vision tower included: it is device work too
         new = yield from self._embed(ready)
         active = slots.active()
-        last, pos = [0] * self.cache.slots, [0] * self.cache.slots
+        width = active[-1] + 1 if self.compact else self.cache.slots  # live rows sit in [0, width)
+        last, pos = [0] * width, [0] * width
         for i in active:
             last[i], pos[i] = slots.rows[i].tokens[-1], slots.position(i)
         window = window_for(max(pos), self.cache.max_len, self.window_bucket)
@@ -166,7 +169,7 @@ class FastEngine:
                 first = pick(prompt_logits, rows, self.gen.do_sample, self.gen.temperature, self.gen.top_p)
             else:
                 logits = self._decode(*inputs)
-            tokens = pick(logits, slots.rows, self.gen.do_sample, self.gen.temperature, self.gen.top_p)
+            tokens = pick(logits, slots.rows[:width], self.gen.do_sample, self.gen.temperature, self.gen.top_p)
         except Exception as e:  # noqa: BLE001 - a failed step fails the rows in it, not the job
             devices.empty_cache(self.device)
             if new:  # retry apart: the new rows' prefill can then fail row by row
@@ -187,6 +190,18 @@ class FastEngine:
                 yield done.tag, done.request, self._finish(done)
         if new:
             yield from self._place(slots, free[:len(new)], rows, first)
+
+    def _compact(self, slots: Slots) -> None:
+        """Move rows down until the live ones fill slots [0, k), so a step decodes k rows, not all:
+        an empty slot then costs nothing, where it used to cost 1/max_batch_size of every step.
+        Off under graph capture, whose step must keep one shape."""
+        while self.compact:
+            free, active = slots.free(), slots.active()
+            if not free or not active or free[0] > active[-1]:
+                return
+            src, dst = active[-1], free[0]
+            self.cache.move(src, dst, slots.position(src))
+            slots.move(src, dst)
 
     def _embed(self, ready: list) -> Iterator:
         """Prompt embeddings of the new rows, one vision-tower call per media kind; a group that

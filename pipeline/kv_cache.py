@@ -43,13 +43,19 @@ class KVCache:
         self.data[layer, 1, slots, :, :length] = v.to(self.data.dtype)
 
     def write_step(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [slots, kv_heads, 1, head_dim] go to each slot's own position [slots]."""
-        rows = torch.arange(self.slots, device=positions.device)
+        """k, v [n, kv_heads, 1, head_dim] of the first n slots go to each one's position [n]."""
+        rows = torch.arange(positions.shape[0], device=positions.device)
         self.data[layer, 0, rows, :, positions] = k[:, :, 0].to(self.data.dtype)
         self.data[layer, 1, rows, :, positions] = v[:, :, 0].to(self.data.dtype)
 
-    def view(self, layer: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data[layer, 0, :, :, :window], self.data[layer, 1, :, :, :window]
+    def view(self, layer: int, window: int, slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first `slots` slots (all by default), positions [0, window)."""
+        n = self.slots if slots is None else slots
+        return self.data[layer, 0, :n, :, :window], self.data[layer, 1, :n, :, :window]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy a row's first `length` positions, every layer, from slot src to slot dst."""
+        self.data[:, :, dst, :, :length] = self.data[:, :, src, :, :length]
 
 
 def window_for(max_position: int, max_len: int, bucket: int = WINDOW_BUCKET) -> int:

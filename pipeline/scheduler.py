@@ -37,6 +37,11 @@ class Slots:
     def place(self, slot: int, row: Row) -> None:
         self.rows[slot] = row
 
+    def move(self, src: int, dst: int) -> None:
+        """The row in src now lives in the free slot dst (its cache entries were moved with it)."""
+        assert self.rows[dst] is None
+        self.rows[dst], self.rows[src] = self.rows[src], None
+
     def position(self, slot: int) -> int:
         """Cache position the slot's next token is written to (its last token was fed at position - 1)."""
         row = self.rows[slot]

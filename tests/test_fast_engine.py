@@ -101,6 +101,24 @@ def test_a_failing_mixed_step_falls_back_to_separate_prefill_and_decode(loaded, 
     assert engine.stats["mixed_s"] == 0 and engine.stats["prefill_s"] > 0
 
 
+def test_steps_decode_only_the_live_rows(loaded, tmp_path, monkeypatch):
+    """Rows are moved down as others finish, so a step is as wide as the live rows, and the moves
+    (cache entries included) change no caption."""
+    info, processor, model = loaded("llava_next")
+    reqs = make_requests(info, processor, tmp_path, n_images=8)
+    gen = GenerationConfig(max_batch_size=4, max_output_length=MAX_NEW)
+    widths, step = [], decoder.decode_step
+
+    def recording(lm, cache, tokens, *args):
+        widths.append(len(tokens))
+        return step(lm, cache, tokens, *args)
+
+    monkeypatch.setattr(decoder, "decode_step", recording)
+    results = FastEngine(model, processor, gen, CPU).generate(reqs)
+    assert min(widths) < 4 and max(widths) == 4
+    assert results == HFEngine(model, processor, gen, CPU).generate(reqs)
+
+
 def test_sixteen_rows_sixteen_slots_match_hf_engine(loaded, tmp_path):
     """A full-width batch: the batched HF engine (left padded) and the fast engine agree."""
     info, processor, model = loaded("llava_next")
