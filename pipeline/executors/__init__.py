@@ -42,7 +42,13 @@ def run_pool(pool, owner: dict, cfg: JobConfig, out: OutputDir, mine: list[Shard
         queue = ShardQueue(out, leases, mine, others, cfg.run.max_retries)
         progress = Progress(_remaining(out, mine + others, cfg.output.chunk_rows), cfg.run.progress)
         try:
-            drive(pool, queue, progress, cfg.run.max_retries)
+            def run() -> None:
+                drive(pool, queue, progress, cfg.run.max_retries)
+
+            if hasattr(pool, "serve"):  # in-process: shards on this thread, the driver beside it
+                pool.serve(run)
+            else:
+                run()
         finally:
             progress.close()
     return progress.rows, queue.failed

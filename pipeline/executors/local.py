@@ -1,16 +1,24 @@
 """The embedded executor: one worker inside this process, driven like any other pool.
 
-The shard runs on a background thread so the driver loop (progress, lease bookkeeping) sees each
-chunk as it commits; an exception in the shard is re-raised in the caller, as a crash of the job.
+Shards run on the main thread and the driver loop (progress, shard queue) on a helper thread, so
+the driver sees each chunk as it commits; an exception in a shard is re-raised in the caller, as a
+crash of the job. Why this way round: the model is loaded on the main thread, and once a second
+thread starts OpenMP parallel regions, torch's OpenMP runtime (libgomp) has more threads than cores
+and cuts its workers' spin-waiting short, so every op run from that other thread pays a wake-up: a
+bf16 linear at 16 rows took 234 us instead of 173 us, a fast-engine decode step ~30% longer, on the
+dev CPU.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 
 from pipeline.runner import JobContext
 from pipeline.worker import ShardWorker
+
+_STOP = object()
 
 
 class InProcessPool:
@@ -19,12 +27,33 @@ class InProcessPool:
         self.slots, self.devices = [0], [device]
         self.events: queue.Queue = queue.Queue()
         self.events.put((0, "ready", {}))
+        self.shards: queue.Queue = queue.Queue()
 
     def start(self, slot: int) -> None:
         pass  # ready from the start: the model is already loaded
 
     def submit(self, slot: int, shard: int) -> None:
-        threading.Thread(target=self._run, args=(shard,), daemon=True, name="shard").start()
+        self.shards.put(shard)
+
+    def serve(self, drive: Callable[[], None]) -> None:
+        """Run `drive` (the driver loop) on a helper thread and the shards it submits here."""
+        failure: list[BaseException] = []
+
+        def driver() -> None:
+            try:
+                drive()
+            except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread below
+                failure.append(e)
+            finally:
+                self.shards.put(_STOP)
+
+        thread = threading.Thread(target=driver, daemon=True, name="driver")
+        thread.start()
+        while (shard := self.shards.get()) is not _STOP:
+            self._run(shard)
+        thread.join()
+        if failure:
+            raise failure[0]
 
     def _run(self, shard: int) -> None:
         try:
