@@ -4,8 +4,10 @@
     for request, result in engine.generate_stream(requests):   # completion order
         ...
 
-Each step decodes one token for every slot ([max_batch_size, 1], one shape all run). A row that
-stops (EOS or max_output_length) frees its slot; once a quarter of the slots are free the next
+Each step decodes one token for every live row. Live rows are kept in slots [0, k) (a row that
+finishes below the last one gets the last one moved into its slot), so a step is [k, 1] and an empty
+slot costs nothing; under graph capture every step is [max_batch_size, 1], one shape all run. A row
+that stops (EOS or max_output_length) frees its slot; once a quarter of the slots are free the next
 queued rows are prefilled into them *inside the next decode step* (their prompt tokens ride in the
 same matmuls, decoder.decode_and_prefill), so nobody waits for the slowest caption of a batch,
 nothing is padded to the longest prompt, and a refill costs no pass over the weights of its own.
