@@ -49,7 +49,7 @@ class FastEngine:
                                       gen.max_input_length + gen.max_output_length, self.lm.head_dim,
                                       devices.kv_cache_dtype(device, self.dtype), device)
         # Refill waits for this many free slots (see _run): each refill adds prompt rows to a step,
-        # while an empty slot wastes only 1/max_batch_size of one.
+        # while an empty slot costs nothing (eager) or 1/max_batch_size of a step (graph capture).
         self.refill_at = refill_at or max(1, gen.max_batch_size // REFILL_FRACTION)
         self._decode = devices.graph_compile(decoder.decode_step, device) if compile else decoder.decode_step
         self.window_bucket = GRAPH_WINDOW_BUCKET if compile else WINDOW_BUCKET
@@ -216,6 +216,7 @@ class FastEngine:
                                           self.device)
             except Exception as e:  # noqa: BLE001 - one bad row must not stop its neighbours
                 if len(group) == 1:
+                    devices.empty_cache(self.device)
                     yield group[0][0], group[0][1], Result(error=stage_error("prefill", e))
                     continue
                 for item in group:
