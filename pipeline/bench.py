@@ -62,6 +62,9 @@ def _batch_sizes(text: str) -> list[int]:
 def run_perf(args) -> dict:
     sizes = _batch_sizes(args.batch_sizes)
     info, processor, model, device = load(args.model, args.device, args.dtype)
+    weight_bytes = lm_weight_bytes(model)  # before the fast engine packs its linears (packed_linear.py)
+    # ... so transformers runs on a copy of its own, as plain as in the hf engine's own jobs.
+    hf_model = models.load_model(info, device, model.dtype) if args.compare == "hf" else None
     prompt = models.build_prompt(processor, info, args.prompt, "image")
     request = Request(0, prompt, "image", image=synthetic_image(0, (640, 480)))
     n_input = int(processor(text=[prompt], images=[request.image], return_tensors="pt")["input_ids"].shape[1])
@@ -70,7 +73,7 @@ def run_perf(args) -> dict:
         row = _measure(lambda length, n=n: _fast(model, processor, device, [request] * n, n_input, length, args.compile),
                        n, n_input, args.output_length)
         if args.compare == "hf":
-            hf = _measure(lambda length, n=n: _hf(model, processor, device, [request] * n, length),
+            hf = _measure(lambda length, n=n: _hf(hf_model, processor, device, [request] * n, length),
                           n, n_input, args.output_length)
             row.update({f"hf_{k}": hf[k] for k in COLUMNS[3:]})
             row["speedup"] = round(row["tokens_per_s"] / hf["tokens_per_s"], 3)
@@ -83,17 +86,20 @@ def run_perf(args) -> dict:
     report = {"model": info.name, "device": str(device), "dtype": args.dtype, "rows": rows,
               "csv": str(out / "benchmark.csv")}
     if device.type == "cpu" and sizes[0] == 1:
-        report["batch1_roofline"] = roofline(model, rows[0]["per_token_ms"])
+        report["batch1_roofline"] = roofline(weight_bytes, rows[0]["per_token_ms"])
     (out / "benchmark.json").write_text(json.dumps(report, indent=1))
     return report
 
 
-def roofline(model, per_token_ms: float) -> dict:
-    """Batch-1 decode against memory bandwidth: every step reads all language-model weights once."""
+def lm_weight_bytes(model) -> int:
+    """What a decode step reads: the language model's weights but the embedding table (one row)."""
     lm = [model.model.language_model, model.lm_head]
     weight_bytes = sum(t.numel() * t.element_size() for m in lm for t in [*m.parameters(), *m.buffers()])
-    # The embedding table is not read in full: one row per step.
-    weight_bytes -= model.model.language_model.embed_tokens.weight.numel() * model.dtype.itemsize
+    return weight_bytes - model.model.language_model.embed_tokens.weight.numel() * model.dtype.itemsize
+
+
+def roofline(weight_bytes: int, per_token_ms: float) -> dict:
+    """Batch-1 decode against memory bandwidth: every step reads all language-model weights once."""
     peaks = machine_peaks()
     floor_ms = weight_bytes / (peaks["copy_gb_per_s"] / 2 * 1e9) * 1e3  # a read is half a copy's traffic
     return {"lm_weight_mb": round(weight_bytes / 2**20, 1), **peaks, "floor_ms": round(floor_ms, 3),

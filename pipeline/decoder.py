@@ -3,8 +3,10 @@
 Only the attention wiring is ours. Every weight is the Hugging Face module's own (RMSNorms, the rotary
 embedding with the checkpoint's rope scaling, o/down projections and lm_head through their modules), so
 a W8A16Linear swapped in for an nn.Linear runs here unchanged, and numerics follow transformers step
-for step. The one liberty: q/k/v and gate/up are each read as one matmul when they are plain
-nn.Linear (pipeline/fused_linear.py).
+for step. The liberties: q/k/v and gate/up are each read as one matmul when they are plain
+nn.Linear (pipeline/fused_linear.py); bf16 linears on the CPU are packed for oneDNN
+(pipeline/packed_linear.py, bit-identical); CPU decode attention is our kernel
+(pipeline/cpu_attention.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from pipeline.fused_linear import Projections, fuse
+from pipeline import cpu_attention
+from pipeline.fused_linear import Projections, fuse, pack_single
 from pipeline.kv_cache import KVCache
 
 
@@ -61,8 +64,13 @@ def language_model(model: nn.Module) -> LanguageModel:
     text = model.config.text_config
     lm = model.model.language_model
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    blocks = [Block(layer, fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-                    fuse([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in lm.layers]
+    blocks = []
+    for layer in lm.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        pack_single(attn, "o_proj")
+        pack_single(mlp, "down_proj")
+        blocks.append(Block(layer, fuse(attn, ["q_proj", "k_proj", "v_proj"]), fuse(mlp, ["gate_proj", "up_proj"])))
+    pack_single(model, "lm_head")
     return LanguageModel(lm.embed_tokens, blocks, lm.norm, lm.rotary_emb, model.lm_head,
                          text.num_key_value_heads, head_dim, getattr(text, "sliding_window", None))
 
@@ -143,13 +151,23 @@ def decode_step(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positio
     compute garbage that nobody reads.
     """
     x = lm.embed(tokens[:, None])
-    mask = decode_mask(positions, window, lm.sliding_window)
-
-    def attend(i, q, k, v):
-        return _attend_step(cache, i, q, k, v, positions, window, mask, lm.layers[i].layer.self_attn.scaling)
-
-    x = _run(lm, x, positions[:, None], attend)
+    x = _run(lm, x, positions[:, None], _step_attention(lm, cache, positions, window))
     return lm.lm_head(lm.norm(x[:, 0]))
+
+
+def _step_attention(lm: LanguageModel, cache: KVCache, positions: torch.Tensor, window: int) -> Attend:
+    """attend() for a decode step: each slot writes its token at its position, then reads its own
+    positions. On the CPU with our kernel (pipeline/cpu_attention.py) each slot reads up to its own
+    length; otherwise SDPA reads the first `window` positions of every slot under a mask."""
+    def scale(i: int) -> float:
+        return lm.layers[i].layer.self_attn.scaling
+
+    if cache.kernel:
+        lengths = positions + 1
+        return lambda i, q, k, v: _attend_kernel(cache, i, q, k, v, positions, lengths, lm.sliding_window,
+                                                 scale(i))
+    mask = decode_mask(positions, window, lm.sliding_window)
+    return lambda i, q, k, v: _attend_step(cache, i, q, k, v, positions, window, mask, scale(i))
 
 
 @torch.compiler.disable
@@ -164,6 +182,14 @@ def _attend_step(cache: KVCache, layer: int, q, k, v, positions: torch.Tensor, w
     keys, values = cache.view(layer, window, positions.shape[0])
     # The cache may be wider than the model (fp32 on CPU, see devices.kv_cache_dtype).
     return _sdpa(q.to(keys.dtype), keys, values, mask, scale).to(q.dtype)
+
+
+@torch.compiler.disable
+def _attend_kernel(cache: KVCache, layer: int, q, k, v, positions: torch.Tensor, lengths: torch.Tensor,
+                   sliding_window: int | None, scale: float) -> torch.Tensor:
+    cache.write_step(layer, positions, k, v)
+    keys, values = cache.data[layer]
+    return cpu_attention.decode_attention(q[:, :, 0], keys, values, lengths, sliding_window, scale)[:, :, None]
 
 
 def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
@@ -183,13 +209,13 @@ def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, 
     device = tokens.device
     x = torch.cat([lm.embed(tokens), *prompts])[:, None]
     pos = torch.cat([positions, *(torch.arange(m, device=device) for m in lengths)])
-    step_mask = decode_mask(positions, window, lm.sliding_window)
+    step_attend = _step_attention(lm, cache, positions, window)
     prompt_masks = {m: prefill_mask(m, lm.sliding_window, device) for m in set(lengths)}
 
     def attend(i, q, k, v):  # [tokens, heads, 1, head_dim]
         scale = lm.layers[i].layer.self_attn.scaling
         # Idle slots write garbage at position 0 here; the prompt written next overwrites its slot's.
-        out = [_attend_step(cache, i, q[:n], k[:n], v[:n], positions, window, step_mask, scale)]
+        out = [step_attend(i, q[:n], k[:n], v[:n])]
         for r, (start, m) in enumerate(zip(starts, lengths, strict=True)):
             qr, kr, vr = (t[start:start + m].transpose(0, 2) for t in (q, k, v))  # [1, heads, m, head_dim]
             cache.write_prefill(i, slots[r:r + 1], kr, vr)

@@ -167,9 +167,14 @@ def graph_compile(fn, device: torch.device):
 
 
 def kv_cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """fp32 on CPU: its bf16/fp16 attention kernels for one query row run 3-6x slower than fp32
-    (torch 2.14, AVX-512), which outweighs reading a cache twice the size. The model dtype elsewhere."""
-    return torch.float32 if device.type == "cpu" else dtype
+    """The model dtype, as transformers keeps it. On a CPU without our decode-attention kernel
+    (pipeline/cpu_attention.py) fp32: torch's bf16/fp16 SDPA for one query row runs 3-6x slower than
+    its fp32 one (torch 2.14, AVX-512), which outweighs reading a cache twice the size."""
+    if device.type == "cpu":
+        from pipeline import cpu_attention  # compiles the kernel on first use
+
+        return dtype if cpu_attention.available() else torch.float32
+    return dtype
 
 
 def free_memory_bytes(device: torch.device) -> int | None:

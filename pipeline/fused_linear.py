@@ -5,7 +5,8 @@ and weight reads, so one [hidden, q+k+v] product beats three: on the dev CPU, bf
 q/k/v took 220 us as three calls and 155 us as one; gate/up 266 us and 230 us.
 
 The fused weight is not a second copy: the modules' own weights become views of it, so the
-transformers path (engine "hf") keeps working on the same tensors and memory does not grow.
+transformers path (engine "hf") keeps working on the same tensors and memory does not grow. bf16
+on the CPU, the fused weight is packed for oneDNN instead (pipeline/packed_linear.py).
 """
 
 from __future__ import annotations
@@ -16,14 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import packed_linear
+
 Projections = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
 
-def fuse(linears: Sequence[nn.Module]) -> Projections:
-    """x -> (linears[0](x), linears[1](x), ...), one matmul when every module is a plain nn.Linear.
+def fuse(owner: nn.Module, names: Sequence[str]) -> Projections:
+    """x -> (owner.<names[0]>(x), ...), one matmul when every module is a plain nn.Linear.
 
     Anything else (W8A16Linear, a hooked or offloaded module) keeps its own forward, called in turn.
     """
+    packed = packed_linear.packed_group(owner, names)  # a second engine on a packed model
+    if packed is not None:
+        return packed.split
+    linears = [getattr(owner, name) for name in names]
+    if packed_linear.packable(linears):
+        return packed_linear.pack(owner, names).split
     if not _fusable(linears):
         return lambda x: tuple(linear(x) for linear in linears)
     sizes = [linear.out_features for linear in linears]
@@ -40,6 +49,12 @@ def fuse(linears: Sequence[nn.Module]) -> Projections:
         return F.linear(x, weight, bias).split(sizes, dim=-1)
 
     return project
+
+
+def pack_single(owner: nn.Module, name: str) -> None:
+    """Pack owner.<name> for oneDNN when it can be (bf16 nn.Linear on the CPU); it stays a module."""
+    if packed_linear.packed_group(owner, [name]) is None and packed_linear.packable([getattr(owner, name)]):
+        packed_linear.pack(owner, [name])
 
 
 def _fusable(linears: Sequence[nn.Module]) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import decoder, models
+from pipeline import decoder, models, packed_linear
 from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.demo import synthetic_image, write_video
 from pipeline.engine import HFEngine, Request
@@ -216,15 +216,17 @@ def test_w8a16_model_matches_hf_engine(tiny_model, tmp_path):
     assert len({r.caption for r in fast}) > 3
 
 
-def test_bf16_runs_with_the_wider_cpu_cache_and_agrees_mostly(tiny_model, tmp_path):
-    """bf16 is not held to token-exactness (rounding differs from padded batches), only to sense."""
+def test_bf16_runs_packed_with_a_bf16_cache_and_agrees_mostly(tiny_model, tmp_path):
+    """bf16 is not held to token-exactness (rounding differs from padded batches), only to sense.
+    On the CPU its linears are packed for oneDNN and the cache is bf16 (our decode kernel reads it)."""
     info = models.inspect_model(ModelConfig(path=str(tiny_model("llava"))))
     processor = models.load_processor(info)
     model = models.load_model(info, CPU, torch.bfloat16)
     reqs = make_requests(info, processor, tmp_path, n_images=8)
     gen = GenerationConfig(max_batch_size=3, max_output_length=MAX_NEW)
     engine = FastEngine(model, processor, gen, CPU)
-    assert engine.cache.data.dtype == torch.float32
+    assert engine.cache.data.dtype == torch.bfloat16
+    assert isinstance(model.lm_head, packed_linear.PackedLinear)
     fast = engine.generate(reqs)
     hf = [HFEngine(model, processor, gen, CPU).generate([r])[0] for r in reqs]
     assert all(r.error is None for r in fast)

@@ -1,5 +1,6 @@
 """The decoder functions against the transformers language model on configs the tiny models lack:
-grouped-query attention, rope scaling, Mistral's sliding window, a long and a short row together."""
+grouped-query attention, rope scaling, Mistral's sliding window, a long and a short row together;
+decode attention through our CPU kernel and through SDPA (what accelerators run)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from transformers import (
     MistralConfig,
 )
 
-from pipeline import decoder
+from pipeline import cpu_attention, decoder
 from pipeline.kv_cache import KVCache, window_for
 
 TEXT = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
@@ -27,6 +28,15 @@ CONFIGS = {
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "mistral-sliding": MistralConfig(**TEXT, sliding_window=6),
 }
+
+
+@pytest.fixture(params=["kernel", "sdpa"])
+def attention(request, monkeypatch):
+    if request.param == "kernel":
+        assert cpu_attention.available(), "the CPU decode-attention kernel did not build"
+    else:
+        monkeypatch.setattr(cpu_attention, "usable", lambda cache: False)
+    return request.param
 
 
 def build(text_config) -> LlavaForConditionalGeneration:
@@ -49,7 +59,7 @@ def reference_logits(model, embeds: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @torch.inference_mode()
-def test_prefill_and_decode_match_transformers(name):
+def test_prefill_and_decode_match_transformers(name, attention):
     model = build(CONFIGS[name])
     lm = decoder.language_model(model)
     cache = KVCache.allocate(len(lm.layers), 3, lm.kv_heads, 40, lm.head_dim, torch.float32, torch.device("cpu"))
@@ -78,7 +88,7 @@ def test_prefill_and_decode_match_transformers(name):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @torch.inference_mode()
-def test_decode_with_prompts_riding_along_matches_separate_passes(name):
+def test_decode_with_prompts_riding_along_matches_separate_passes(name, attention):
     """decode_and_prefill = decode_step for the live slots + prefill of the new rows, cache included."""
     model = build(CONFIGS[name])
     lm = decoder.language_model(model)

@@ -1,18 +1,29 @@
 """Fused q/k/v and gate/up projections: same outputs, no second copy of the weights, and modules
-that are not plain nn.Linear (W8A16) keep their own forward."""
+that are not plain nn.Linear (W8A16) keep their own forward. bf16 on the CPU they are packed for
+oneDNN: bit-identical outputs, and the model's own forward still runs."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from pipeline.fused_linear import fuse
+from pipeline import packed_linear
+from pipeline.fused_linear import fuse, pack_single
 from quant.linear import W8A16Linear
+
+NAMES = ["q", "k", "v"]
 
 
 def linears(bias: bool = False) -> list[nn.Linear]:
     torch.manual_seed(0)
     return [nn.Linear(32, n, bias=bias) for n in (48, 16, 16)]
+
+
+def holder(mods: list[nn.Module]) -> nn.Module:
+    owner = nn.Module()
+    for name, m in zip(NAMES, mods, strict=False):
+        setattr(owner, name, m)
+    return owner
 
 
 @torch.inference_mode()
@@ -21,7 +32,7 @@ def test_fused_matches_separate_and_shares_storage():
         mods = linears(bias)
         x = torch.randn(5, 7, 32)
         expected = [m(x) for m in mods]
-        project = fuse(mods)
+        project = fuse(holder(mods), NAMES)
         got = project(x)
         assert [g.shape for g in got] == [e.shape for e in expected]
         for g, e in zip(got, expected, strict=True):
@@ -36,9 +47,10 @@ def test_fused_matches_separate_and_shares_storage():
 @torch.inference_mode()
 def test_second_fusion_reuses_the_fused_weight():
     mods = linears()
-    fuse(mods)
+    owner = holder(mods)
+    fuse(owner, NAMES)
     pointer = mods[0].weight.data_ptr()
-    project = fuse(mods)  # a second engine on the same model
+    project = fuse(owner, NAMES)  # a second engine on the same model
     assert mods[0].weight.data_ptr() == pointer
     x = torch.randn(3, 32)
     torch.testing.assert_close(project(x)[2], mods[2](x))
@@ -49,6 +61,36 @@ def test_quantized_projections_are_called_one_by_one():
     mods = [W8A16Linear.from_linear(m, torch.float32) for m in linears()]
     x = torch.randn(4, 32)
     expected = [m(x) for m in mods]
-    for g, e in zip(fuse(mods)(x), expected, strict=True):
+    for g, e in zip(fuse(holder(mods), NAMES)(x), expected, strict=True):
         torch.testing.assert_close(g, e)
     assert all(m.weight.dtype == torch.int8 for m in mods)
+
+
+@torch.inference_mode()
+def test_bf16_on_cpu_is_packed_bit_identical_and_the_model_forward_still_runs():
+    assert packed_linear.packable([nn.Linear(4, 4).bfloat16()]), "oneDNN packing is missing from this torch"
+    for bias in (False, True):
+        mods = [m.bfloat16() for m in linears(bias)]
+        x = torch.randn(16, 1, 32).bfloat16()
+        expected = [m(x) for m in mods]
+        owner = holder(mods)
+        project = fuse(owner, NAMES)
+        for g, e in zip(project(x), expected, strict=True):
+            assert torch.equal(g, e)
+        # The modules are stand-ins now, not weights of their own: what the hf engine calls.
+        assert all(isinstance(getattr(owner, n), packed_linear.PackedPart) for n in NAMES)
+        for n, e in zip(NAMES, expected, strict=True):
+            assert torch.equal(getattr(owner, n)(x), e)
+        again = fuse(owner, NAMES)  # a second engine on the same model reuses the packed weight
+        assert again.__self__ is project.__self__
+        single = holder(linears(bias)[:1])
+        single.q = single.q.bfloat16()
+        expected = single.q(x)
+        pack_single(single, "q")
+        assert isinstance(single.q, packed_linear.PackedLinear)
+        assert torch.equal(single.q(x), expected)
+
+
+def test_fp32_and_quantized_are_not_packed():
+    assert not packed_linear.packable(linears())
+    assert not packed_linear.packable([W8A16Linear.from_linear(linears()[0], torch.bfloat16)])

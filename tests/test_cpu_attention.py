@@ -1,0 +1,56 @@
+"""The CPU decode-attention kernel against SDPA with an explicit mask: every dtype the cache may
+have, grouped-query attention, a sliding window, the head sizes it unrolls and the generic one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import cpu_attention
+
+
+def reference(q, keys, values, lengths, sliding_window, scale):
+    n, heads, dim = q.shape
+    width = int(lengths.max())
+    j, length = torch.arange(width)[None, :], lengths[:, None]
+    mask = j < length
+    if sliding_window:
+        mask &= j >= length - sliding_window
+    k, v = keys[:n, :, :width].float(), values[:n, :, :width].float()
+    out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask[:, None, None], scale=scale,
+                                         enable_gqa=heads != keys.shape[1])
+    return out[:, :, 0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cpu_attention.available(), "the CPU decode-attention kernel did not build"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("heads,kv_heads,dim,window", [(8, 8, 64, None), (8, 2, 128, None), (4, 4, 16, 5),
+                                                       (6, 3, 40, None)])
+def test_matches_sdpa(dtype, tol, heads, kv_heads, dim, window):
+    torch.manual_seed(0)
+    keys, values = (torch.randn(6, kv_heads, 50, dim).to(dtype) for _ in range(2))
+    q = torch.randn(4, heads, 2, dim).to(dtype)[:, :, 0]  # a strided view, as the decoder passes it
+    lengths = torch.tensor([1, 7, 50, 33])
+    got = cpu_attention.decode_attention(q, keys, values, lengths, window, dim ** -0.5)
+    assert got.dtype == dtype and got.shape == (4, heads, dim)
+    torch.testing.assert_close(got.float(), reference(q, keys, values, lengths, window, dim ** -0.5),
+                               rtol=tol, atol=tol)
+
+
+def test_positions_past_a_rows_length_are_never_read():
+    keys, values = torch.randn(2, 2, 30, 64), torch.randn(2, 2, 30, 64)
+    q, lengths = torch.randn(2, 2, 64), torch.tensor([9, 20])
+    before = cpu_attention.decode_attention(q, keys, values, lengths, None, 0.125)
+    keys[0, :, 9:], values[1, :, 20:] = float("nan"), float("inf")
+    assert torch.equal(cpu_attention.decode_attention(q, keys, values, lengths, None, 0.125), before)
+
+
+def test_bad_lengths_are_refused():
+    keys = torch.randn(2, 2, 30, 64)
+    with pytest.raises(RuntimeError, match="length"):
+        cpu_attention.decode_attention(torch.randn(2, 2, 64), keys, keys, torch.tensor([0, 5]), None, 0.125)
