@@ -99,6 +99,66 @@ inline void weighted_sum(const float* p, const T* v, int64_t n, int64_t stride, 
     for (int i = 0; i < dim; ++i) out[i] += p[t] * widen(v[t * stride + i]);
 }
 
+#if defined(__AVX512F__)
+// exp for x <= 0 (Cephes' expf: a degree-5 polynomial on x - n ln2, then 2^n), ~1 ulp like SDPA's.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
+
+inline void softmax(float* s, int64_t n) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < n; t += 16) top = _mm512_mask_max_ps(top, lanes(n - t), _mm512_loadu_ps(s + t), top);
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = lanes(n - t);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), m));
+    _mm512_mask_storeu_ps(s + t, k, e);
+    total = _mm512_mask_add_ps(total, k, total, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = lanes(n - t);
+    _mm512_mask_storeu_ps(s + t, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + t), inv));
+  }
+}
+#else
+inline void softmax(float* s, int64_t n) {
+  const float top = *std::max_element(s, s + n);
+  float total = 0.f;
+  for (int64_t t = 0; t < n; ++t) {
+    s[t] = std::exp(s[t] - top);
+    total += s[t];
+  }
+  const float inv = 1.f / total;
+  for (int64_t t = 0; t < n; ++t) s[t] *= inv;
+}
+#endif
+
+// A decode step reads each layer's cache cold (the other layers and the weights evict it); the
+// hardware prefetcher ramps up too slowly over one slot's few-KB rows (3x slower than warm here).
+constexpr int64_t kPrefetchRows = 8;
+
+template <typename T>
+inline void prefetch_row(const T* row, int dim) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < static_cast<int64_t>(dim * sizeof(T)); b += 64) __builtin_prefetch(p + b);
+}
+
 // One (slot, kv head): the `rep` query heads that share it, over positions [start, length).
 template <typename T, int D>
 void attend(const float* q, const T* k, const T* v, float* out, int64_t rep, int64_t start, int64_t length,
@@ -107,30 +167,33 @@ void attend(const float* q, const T* k, const T* v, float* out, int64_t rep, int
   scores.resize(n);
   float* s = scores.data();
   for (int64_t r = 0; r < rep; ++r) {
-    for (int64_t t = 0; t < n; ++t) s[t] = score<T, D>(q + r * dim, k + (start + t) * stride, dim) * scale;
-    const float top = *std::max_element(s, s + n);
-    float total = 0.f;
     for (int64_t t = 0; t < n; ++t) {
-      s[t] = std::exp(s[t] - top);
-      total += s[t];
+      if (r == 0) {  // the rows come from memory, cold: ask early (keys ahead, values for later)
+        prefetch_row(k + (start + t + kPrefetchRows) * stride, dim);
+        prefetch_row(v + (start + t) * stride, dim);
+      }
+      s[t] = score<T, D>(q + r * dim, k + (start + t) * stride, dim) * scale;
     }
-    const float inv = 1.f / total;
-    for (int64_t t = 0; t < n; ++t) s[t] *= inv;
+    softmax(s, n);
     weighted_sum<T, D>(s, v + start * stride, n, stride, out + r * dim, dim);
   }
 }
 
-// q [n, heads, dim]; keys/values [slots >= n, kv_heads, max_len, dim] (one layer of the cache);
-// lengths [n]: slot i attends to its positions [max(0, lengths[i] - sliding_window), lengths[i]).
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& lengths, int64_t sliding_window, double scale) {
+// q [n, heads, dim]; k, v [n, kv_heads, dim] the step's new keys and values; keys/values
+// [slots >= n, kv_heads, max_len, dim] one layer of the cache, where k, v are written at position
+// lengths[i] - 1 first; slot i then attends to its positions [max(0, lengths[i] - sliding_window), lengths[i]).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& keys,
+                            at::Tensor& values, const at::Tensor& lengths, int64_t sliding_window, double scale) {
   TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(), "decode_attention: bad ranks");
   TORCH_CHECK(keys.stride(3) == 1 && values.strides() == keys.strides(), "decode_attention: cache layout");
   TORCH_CHECK(keys.scalar_type() == values.scalar_type(), "decode_attention: key/value dtypes differ");
   const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = keys.size(1);
   TORCH_CHECK(keys.size(0) >= n && keys.size(3) == dim && heads % kv_heads == 0, "decode_attention: shapes");
   TORCH_CHECK(dim <= kMaxDim, "decode_attention: head_dim ", dim);
+  TORCH_CHECK(k.dim() == 3 && k.size(0) == n && k.size(1) == kv_heads && k.size(2) == dim && v.sizes() == k.sizes(),
+              "decode_attention: new keys/values");
   const at::Tensor qf = q.to(at::kFloat).contiguous();
+  const at::Tensor kn = k.to(keys.scalar_type()).contiguous(), vn = v.to(keys.scalar_type()).contiguous();
   const at::Tensor len = lengths.to(at::kLong).contiguous();
   TORCH_CHECK(len.numel() == n, "decode_attention: one length per row");
   const int64_t* lp = len.data_ptr<int64_t>();
@@ -141,8 +204,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   float* op = out.data_ptr<float>();
   const auto kernel = [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t* kp = keys.data_ptr<scalar_t>();
-    const scalar_t* vp = values.data_ptr<scalar_t>();
+    scalar_t* kp = keys.data_ptr<scalar_t>();
+    scalar_t* vp = values.data_ptr<scalar_t>();
+    const scalar_t* knp = kn.data_ptr<scalar_t>();
+    const scalar_t* vnp = vn.data_ptr<scalar_t>();
     at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
       for (int64_t task = begin; task < end; ++task) {
@@ -151,6 +216,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
         const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, length - sliding_window) : 0;
         const int64_t base = i * keys.stride(0) + g * keys.stride(1);
         const int64_t head = (i * heads + g * rep) * dim;
+        const int64_t at = base + (length - 1) * keys.stride(2);
+        std::copy(knp + task * dim, knp + (task + 1) * dim, kp + at);
+        std::copy(vnp + task * dim, vnp + (task + 1) * dim, vp + at);
         const auto run = [&](auto d) {
           attend<scalar_t, decltype(d)::value>(qp + head, kp + base, vp + base, op + head, rep, start, length,
                                                keys.stride(2), dim, static_cast<float>(scale), scores);
@@ -173,7 +241,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 }  // namespace
 
 TORCH_LIBRARY(llava_batch, m) {
-  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor lengths, int sliding_window, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor lengths, "
+        "int sliding_window, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llava_batch, CPU, m) { m.impl("decode_attention", &decode_attention); }
@@ -219,8 +288,9 @@ def usable(cache: torch.Tensor) -> bool:
     return cache.device.type == "cpu" and cache.shape[-1] <= MAX_HEAD_DIM and available()
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                     sliding_window: int | None, scale: float) -> torch.Tensor:
-    """q [n, heads, head_dim] against one layer's cache [slots, kv_heads, max_len, head_dim]; slot i
-    sees its positions [0, lengths[i]) (the last sliding_window of them); -> [n, heads, head_dim]."""
-    return torch.ops.llava_batch.decode_attention(q, keys, values, lengths, sliding_window or 0, scale)
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     lengths: torch.Tensor, sliding_window: int | None, scale: float) -> torch.Tensor:
+    """Write the step's k, v [n, kv_heads, head_dim] into one layer's cache [slots, kv_heads, max_len,
+    head_dim] at position lengths[i] - 1 of slot i, then attend q [n, heads, head_dim] over the
+    slot's positions [0, lengths[i]) (the last sliding_window of them) -> [n, heads, head_dim]."""
+    return torch.ops.llava_batch.decode_attention(q, k, v, keys, values, lengths, sliding_window or 0, scale)

@@ -164,8 +164,7 @@ def _step_attention(lm: LanguageModel, cache: KVCache, positions: torch.Tensor, 
 
     if cache.kernel:
         lengths = positions + 1
-        return lambda i, q, k, v: _attend_kernel(cache, i, q, k, v, positions, lengths, lm.sliding_window,
-                                                 scale(i))
+        return lambda i, q, k, v: _attend_kernel(cache, i, q, k, v, lengths, lm.sliding_window, scale(i))
     mask = decode_mask(positions, window, lm.sliding_window)
     return lambda i, q, k, v: _attend_step(cache, i, q, k, v, positions, window, mask, scale(i))
 
@@ -185,11 +184,12 @@ def _attend_step(cache: KVCache, layer: int, q, k, v, positions: torch.Tensor, w
 
 
 @torch.compiler.disable
-def _attend_kernel(cache: KVCache, layer: int, q, k, v, positions: torch.Tensor, lengths: torch.Tensor,
-                   sliding_window: int | None, scale: float) -> torch.Tensor:
-    cache.write_step(layer, positions, k, v)
+def _attend_kernel(cache: KVCache, layer: int, q, k, v, lengths: torch.Tensor, sliding_window: int | None,
+                   scale: float) -> torch.Tensor:
+    """The same as _attend_step through our CPU kernel, which also writes the cache."""
     keys, values = cache.data[layer]
-    return cpu_attention.decode_attention(q[:, :, 0], keys, values, lengths, sliding_window, scale)[:, :, None]
+    return cpu_attention.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], keys, values, lengths, sliding_window,
+                                          scale)[:, :, None]
 
 
 def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,

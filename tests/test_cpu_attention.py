@@ -1,5 +1,6 @@
 """The CPU decode-attention kernel against SDPA with an explicit mask: every dtype the cache may
-have, grouped-query attention, a sliding window, the head sizes it unrolls and the generic one."""
+have, grouped-query attention, a sliding window, the head sizes it unrolls and the generic one; and
+the step's keys and values written where the next steps will read them, and nowhere else."""
 
 from __future__ import annotations
 
@@ -34,9 +35,13 @@ def built():
 def test_matches_sdpa(dtype, tol, heads, kv_heads, dim, window):
     torch.manual_seed(0)
     keys, values = (torch.randn(6, kv_heads, 50, dim).to(dtype) for _ in range(2))
-    q = torch.randn(4, heads, 2, dim).to(dtype)[:, :, 0]  # a strided view, as the decoder passes it
+    q, k, v = (torch.randn(4, h, 2, dim).to(dtype)[:, :, 0] for h in (heads, kv_heads, kv_heads))  # strided views
     lengths = torch.tensor([1, 7, 50, 33])
-    got = cpu_attention.decode_attention(q, keys, values, lengths, window, dim ** -0.5)
+    expected_keys, expected_values = keys.clone(), values.clone()
+    for i, n in enumerate(lengths.tolist()):
+        expected_keys[i, :, n - 1], expected_values[i, :, n - 1] = k[i], v[i]
+    got = cpu_attention.decode_attention(q, k, v, keys, values, lengths, window, dim ** -0.5)
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
     assert got.dtype == dtype and got.shape == (4, heads, dim)
     torch.testing.assert_close(got.float(), reference(q, keys, values, lengths, window, dim ** -0.5),
                                rtol=tol, atol=tol)
@@ -44,13 +49,14 @@ def test_matches_sdpa(dtype, tol, heads, kv_heads, dim, window):
 
 def test_positions_past_a_rows_length_are_never_read():
     keys, values = torch.randn(2, 2, 30, 64), torch.randn(2, 2, 30, 64)
-    q, lengths = torch.randn(2, 2, 64), torch.tensor([9, 20])
-    before = cpu_attention.decode_attention(q, keys, values, lengths, None, 0.125)
+    q, k, v, lengths = torch.randn(2, 2, 64), torch.randn(2, 2, 64), torch.randn(2, 2, 64), torch.tensor([9, 20])
+    before = cpu_attention.decode_attention(q, k, v, keys, values, lengths, None, 0.125)
     keys[0, :, 9:], values[1, :, 20:] = float("nan"), float("inf")
-    assert torch.equal(cpu_attention.decode_attention(q, keys, values, lengths, None, 0.125), before)
+    assert torch.equal(cpu_attention.decode_attention(q, k, v, keys, values, lengths, None, 0.125), before)
 
 
 def test_bad_lengths_are_refused():
-    keys = torch.randn(2, 2, 30, 64)
-    with pytest.raises(RuntimeError, match="length"):
-        cpu_attention.decode_attention(torch.randn(2, 2, 64), keys, keys, torch.tensor([0, 5]), None, 0.125)
+    keys, new = torch.randn(2, 2, 30, 64), torch.randn(2, 2, 64)
+    for lengths in ([0, 5], [5, 31]):
+        with pytest.raises(RuntimeError, match="length"):
+            cpu_attention.decode_attention(new, new, new, keys, keys.clone(), torch.tensor(lengths), None, 0.125)
