@@ -5,8 +5,8 @@ embedding with the checkpoint's rope scaling, o/down projections and lm_head thr
 a W8A16Linear swapped in for an nn.Linear runs here unchanged, and numerics follow transformers step
 for step. The liberties: q/k/v and gate/up are each read as one matmul when they are plain
 nn.Linear (pipeline/fused_linear.py); bf16 linears on the CPU are packed for oneDNN
-(pipeline/packed_linear.py, bit-identical); CPU decode attention is our kernel
-(pipeline/cpu_attention.py).
+(pipeline/packed_linear.py, bit-identical); on the CPU decode attention, RMSNorm and rope are our
+kernels (pipeline/cpu_kernels.py, pipeline/layer_ops.py).
 """
 
 from __future__ import annotations
@@ -17,20 +17,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from pipeline import cpu_attention
+from pipeline import cpu_kernels, layer_ops
 from pipeline.fused_linear import Projections, fuse, pack_single
 from pipeline.kv_cache import KVCache
+from pipeline.layer_ops import Norm
 
 
 @dataclass(frozen=True)
 class Block:
-    """One decoder layer, with its q/k/v and gate/up projections each callable as one."""
+    """One decoder layer, with its q/k/v and gate/up projections each callable as one, and its norms."""
 
     layer: nn.Module
     qkv: Projections
     gate_up: Projections
+    input_norm: Norm  # pipeline/layer_ops.py
+    post_norm: Norm
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,13 @@ class LanguageModel:
 
     embed: nn.Module
     layers: list[Block]
-    norm: nn.Module
+    norm: Norm
     rotary: nn.Module
     lm_head: nn.Module
     kv_heads: int
     head_dim: int
     sliding_window: int | None
+    fused_ops: bool  # pipeline/layer_ops.py
 
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral")
@@ -64,37 +67,40 @@ def language_model(model: nn.Module) -> LanguageModel:
     text = model.config.text_config
     lm = model.model.language_model
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    fused = layer_ops.ours(model)
     blocks = []
     for layer in lm.layers:
         attn, mlp = layer.self_attn, layer.mlp
         pack_single(attn, "o_proj")
         pack_single(mlp, "down_proj")
-        blocks.append(Block(layer, fuse(attn, ["q_proj", "k_proj", "v_proj"]), fuse(mlp, ["gate_proj", "up_proj"])))
+        blocks.append(Block(layer, fuse(attn, ["q_proj", "k_proj", "v_proj"]), fuse(mlp, ["gate_proj", "up_proj"]),
+                            layer_ops.norm(layer.input_layernorm, fused),
+                            layer_ops.norm(layer.post_attention_layernorm, fused)))
     pack_single(model, "lm_head")
-    return LanguageModel(lm.embed_tokens, blocks, lm.norm, lm.rotary_emb, model.lm_head,
-                         text.num_key_value_heads, head_dim, getattr(text, "sliding_window", None))
+    return LanguageModel(lm.embed_tokens, blocks, layer_ops.norm(lm.norm, fused), lm.rotary_emb, model.lm_head,
+                         text.num_key_value_heads, head_dim, getattr(text, "sliding_window", None), fused)
 
 
 # attend(layer index, q, k, v) -> attention output [batch, heads, seq, head_dim]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _layer(index: int, block: Block, x: torch.Tensor, rope, attend: Attend) -> torch.Tensor:
+def _layer(index: int, block: Block, x: torch.Tensor, rope, fused: bool, attend: Attend) -> torch.Tensor:
     layer = block.layer
     attn, mlp = layer.self_attn, layer.mlp
     shape = (*x.shape[:2], -1, attn.head_dim)
-    q, k, v = (t.view(shape).transpose(1, 2) for t in block.qkv(layer.input_layernorm(x)))
-    q, k = apply_rotary_pos_emb(q, k, *rope)
-    out = attend(index, q, k, v).transpose(1, 2).reshape(*x.shape[:2], -1)
+    q, k, v = (t.view(shape) for t in block.qkv(block.input_norm(x)))
+    q, k = layer_ops.rotate(q, k, *rope, fused)
+    out = attend(index, q, k, v.transpose(1, 2)).transpose(1, 2).reshape(*x.shape[:2], -1)
     x = x + attn.o_proj(out)
-    gate, up = block.gate_up(layer.post_attention_layernorm(x))
+    gate, up = block.gate_up(block.post_norm(x))
     return x + mlp.down_proj(mlp.act_fn(gate) * up)  # LlamaMLP.forward, on the fused gate/up
 
 
 def _run(lm: LanguageModel, x: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
     rope = lm.rotary(x, positions)
     for i, block in enumerate(lm.layers):
-        x = _layer(i, block, x, rope, attend)
+        x = _layer(i, block, x, rope, lm.fused_ops, attend)
     return x
 
 
@@ -157,7 +163,7 @@ def decode_step(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positio
 
 def _step_attention(lm: LanguageModel, cache: KVCache, positions: torch.Tensor, window: int) -> Attend:
     """attend() for a decode step: each slot writes its token at its position, then reads its own
-    positions. On the CPU with our kernel (pipeline/cpu_attention.py) each slot reads up to its own
+    positions. On the CPU with our kernel (pipeline/cpu_kernels.py) each slot reads up to its own
     length; otherwise SDPA reads the first `window` positions of every slot under a mask."""
     def scale(i: int) -> float:
         return lm.layers[i].layer.self_attn.scaling
@@ -188,7 +194,7 @@ def _attend_kernel(cache: KVCache, layer: int, q, k, v, lengths: torch.Tensor, s
                    scale: float) -> torch.Tensor:
     """The same as _attend_step through our CPU kernel, which also writes the cache."""
     keys, values = cache.data[layer]
-    return cpu_attention.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], keys, values, lengths, sliding_window,
+    return cpu_kernels.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], keys, values, lengths, sliding_window,
                                           scale)[:, :, None]
 
 

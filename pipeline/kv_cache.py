@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline import cpu_attention
+from pipeline import cpu_kernels
 
 # Decode attends over the first `window` cache positions only, rounded up to a multiple of the bucket:
 # reading the whole max_input_length + max_output_length cache each step would cost more than the
@@ -24,12 +24,12 @@ GRAPH_WINDOW_BUCKET = 128
 @dataclass
 class KVCache:
     data: torch.Tensor  # [layers, 2, slots, kv_heads, max_len, head_dim]
-    # Decode steps read it through our CPU kernel (pipeline/cpu_attention.py), else through SDPA.
+    # Decode steps read it through our CPU kernel (pipeline/cpu_kernels.py), else through SDPA.
     # Decided here, once, not per step: a captured step must not trace the check.
     kernel: bool = field(init=False)
 
     def __post_init__(self):
-        self.kernel = cpu_attention.usable(self.data)
+        self.kernel = cpu_kernels.usable(self.data)
 
     @classmethod
     def allocate(cls, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,

@@ -1,6 +1,7 @@
 """The decoder functions against the transformers language model on configs the tiny models lack:
 grouped-query attention, rope scaling, Mistral's sliding window, a long and a short row together;
-decode attention through our CPU kernel and through SDPA (what accelerators run)."""
+our CPU kernels (decode attention, RMSNorm, rope) and torch's SDPA with transformers'
+modules (what accelerators run)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from transformers import (
     MistralConfig,
 )
 
-from pipeline import cpu_attention, decoder
+from pipeline import cpu_kernels, decoder
 from pipeline.kv_cache import KVCache, window_for
 
 TEXT = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
@@ -30,12 +31,12 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(params=["kernel", "sdpa"])
-def attention(request, monkeypatch):
-    if request.param == "kernel":
-        assert cpu_attention.available(), "the CPU decode-attention kernel did not build"
+@pytest.fixture(params=["ours", "torch"])
+def kernels(request, monkeypatch):
+    if request.param == "ours":
+        assert cpu_kernels.available(), "our CPU kernels did not build"
     else:
-        monkeypatch.setattr(cpu_attention, "usable", lambda cache: False)
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     return request.param
 
 
@@ -59,7 +60,7 @@ def reference_logits(model, embeds: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @torch.inference_mode()
-def test_prefill_and_decode_match_transformers(name, attention):
+def test_prefill_and_decode_match_transformers(name, kernels):
     model = build(CONFIGS[name])
     lm = decoder.language_model(model)
     cache = KVCache.allocate(len(lm.layers), 3, lm.kv_heads, 40, lm.head_dim, torch.float32, torch.device("cpu"))
@@ -88,7 +89,7 @@ def test_prefill_and_decode_match_transformers(name, attention):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @torch.inference_mode()
-def test_decode_with_prompts_riding_along_matches_separate_passes(name, attention):
+def test_decode_with_prompts_riding_along_matches_separate_passes(name, kernels):
     """decode_and_prefill = decode_step for the live slots + prefill of the new rows, cache included."""
     model = build(CONFIGS[name])
     lm = decoder.language_model(model)

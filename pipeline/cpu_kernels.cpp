@@ -1,27 +1,3 @@
-"""Decode attention on the CPU: one query row per slot over that slot's own cache positions.
-
-torch's CPU SDPA is built for long queries. For one query row it reads the cache window through
-small GEMMs at a fraction of memory bandwidth (fp32, 16 slots, 160 positions: ~700 us a layer in a
-decode step on the dev VM), its bf16 path is slower still, and it must read every slot up to the
-longest one's position. This kernel streams each slot's keys and values once, up to that slot's own
-length, in the cache's dtype (bf16 halves the bytes), accumulating in fp32 as SDPA does.
-
-It is compiled on first use with the machine's C++ compiler (torch.utils.cpp_extension, cached in
-TORCH_EXTENSIONS_DIR) and registered as `torch.ops.llava_batch.decode_attention`. Without a compiler
-`available()` is False and the decoder keeps SDPA: slower, same results.
-"""
-
-from __future__ import annotations
-
-import functools
-import logging
-import os
-import shutil
-import sys
-
-import torch
-
-_SOURCE = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -238,59 +214,157 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out.to(q.scalar_type());
 }
 
+// ---- RMSNorm and rope, rounding where transformers' eager code rounds ----------------------------
+// Every intermediate that torch would hold in a tensor of dtype T is rounded to T (exact for fp32).
+
+template <typename T>
+inline float round_to(float x) { return static_cast<float>(static_cast<T>(x)); }
+
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LB_VECTOR 1
+inline __m512 loadn(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
+inline __m512 loadn(const c10::BFloat16* p, int64_t n) {
+  const __m256i h = _mm256_maskz_loadu_epi16(lanes(n), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 loadn(const c10::Half* p, int64_t n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes(n), p)); }
+
+// fp32 -> bf16 bits, round to nearest even (c10::BFloat16's rounding; NaN stays NaN).
+inline __m512i bf16_bits(__m512 x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+template <typename T> inline __m512 round_to(__m512 x);
+template <> inline __m512 round_to<float>(__m512 x) { return x; }
+template <> inline __m512 round_to<c10::BFloat16>(__m512 x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(x), 16));
+}
+template <> inline __m512 round_to<c10::Half>(__m512 x) {
+  return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+inline void storen(float* p, __m512 x, int64_t n) { _mm512_mask_storeu_ps(p, lanes(n), x); }
+inline void storen(c10::BFloat16* p, __m512 x, int64_t n) {
+  _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtepi32_epi16(bf16_bits(x)));
+}
+inline void storen(c10::Half* p, __m512 x, int64_t n) {
+  _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
+// LlamaRMSNorm: y = (x * rsqrt(mean(x^2) + eps)).to(T); out = weight * y.
+template <typename T>
+void rms_norm_row(const T* x, const T* w, T* out, int64_t h, float eps) {
+  float sum = 0.f;
+  int64_t i = 0;
+#ifdef LB_VECTOR
+  __m512 acc = _mm512_setzero_ps();
+  for (; i < h; i += 16) {
+    const __m512 v = loadn(x + i, h - i);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+  const float r = 1.f / std::sqrt(sum / static_cast<float>(h) + eps);
+  for (i = 0; i < h; i += 16) {
+    const __m512 y = round_to<T>(_mm512_mul_ps(loadn(x + i, h - i), _mm512_set1_ps(r)));
+    storen(out + i, _mm512_mul_ps(loadn(w + i, h - i), y), h - i);
+  }
+#else
+  for (; i < h; ++i) sum += widen(x[i]) * widen(x[i]);
+  const float r = 1.f / std::sqrt(sum / static_cast<float>(h) + eps);
+  for (i = 0; i < h; ++i) out[i] = static_cast<T>(widen(w[i]) * round_to<T>(widen(x[i]) * r));
+#endif
+}
+
+// apply_rotary_pos_emb on one head: out = x * cos + rotate_half(x) * sin, rounded per op.
+template <typename T>
+void rope_head(const T* x, const T* c, const T* s, T* out, int64_t d) {
+  const int64_t half = d / 2;
+#ifdef LB_VECTOR
+  for (int64_t i = 0; i < half; i += 16) {
+    const int64_t n = half - i;
+    const __m512 a = loadn(x + i, n), b = loadn(x + half + i, n);
+    const __m512 lo = _mm512_add_ps(round_to<T>(_mm512_mul_ps(a, loadn(c + i, n))),
+                                    round_to<T>(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(b, loadn(s + i, n)))));
+    const __m512 hi = _mm512_add_ps(round_to<T>(_mm512_mul_ps(b, loadn(c + half + i, n))),
+                                    round_to<T>(_mm512_mul_ps(a, loadn(s + half + i, n))));
+    storen(out + i, lo, n);
+    storen(out + half + i, hi, n);
+  }
+#else
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = widen(x[i]), b = widen(x[half + i]);
+    out[i] = static_cast<T>(round_to<T>(a * widen(c[i])) + round_to<T>(-(b * widen(s[i]))));
+    out[half + i] = static_cast<T>(round_to<T>(b * widen(c[half + i])) + round_to<T>(a * widen(s[half + i])));
+  }
+#endif
+}
+
+template <typename F>
+void dispatch(at::ScalarType type, const char* op, const F& f) {
+  switch (type) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, op, ": dtype ", type);
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && weight.dim() == 1 && weight.size(0) == x.size(1) &&
+              weight.scalar_type() == x.scalar_type(), "rms_norm: x [rows, hidden], weight [hidden] of its dtype");
+  const at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t rows = x.size(0), h = x.size(1);
+  dispatch(x.scalar_type(), "rms_norm", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / h), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) rms_norm_row(xp + r * x.stride(0), w.data_ptr<T>(), op + r * h, h, eps);
+    });
+  });
+  return out;
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0, "rope: x [batch, seq, heads, even head_dim]");
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.size(2) == x.size(3) &&
+              cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "rope: cos/sin [batch or 1, seq, head_dim] of x's dtype");
+  const at::Tensor c = cos.expand({x.size(0), x.size(1), x.size(3)}).contiguous();
+  const at::Tensor s = sin.expand({x.size(0), x.size(1), x.size(3)}).contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t seq = x.size(1), heads = x.size(2), d = x.size(3);
+  dispatch(x.scalar_type(), "rope", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, x.size(0) * seq * heads, std::max<int64_t>(1, 16384 / d), [&](int64_t b, int64_t e) {
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t row = task / heads, h = task % heads, i = row / seq, j = row % seq;
+        rope_head(xp + i * x.stride(0) + j * x.stride(1) + h * x.stride(2), c.data_ptr<T>() + row * d,
+                  s.data_ptr<T>() + row * d, op + task * d, d);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llava_batch, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor lengths, "
         "int sliding_window, float scale) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llava_batch, CPU, m) { m.impl("decode_attention", &decode_attention); }
-"""
-
-
-MAX_HEAD_DIM = 512
-
-
-@functools.cache
-def available() -> bool:
-    """Compile and load the kernel once per process; False (said once on stderr) when that fails."""
-    try:
-        from torch.utils import cpp_extension
-
-        _put_ninja_on_path()
-        # It warns that there is no CUDA runtime, which a CPU kernel does not need.
-        logging.getLogger(cpp_extension.__name__).setLevel(logging.ERROR)
-        cpp_extension.load_inline(
-            name="llava_batch_decode_attention", cpp_sources=[_SOURCE], is_python_module=False,
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
-        return hasattr(torch.ops.llava_batch, "decode_attention")
-    except Exception as e:  # noqa: BLE001 - no compiler, no headers: SDPA still works
-        print(f"llava-batch: CPU decode-attention kernel unavailable ({type(e).__name__}: {e}); using SDPA",
-              file=sys.stderr)
-        return False
-
-
-def _put_ninja_on_path() -> None:
-    """cpp_extension runs `ninja` from PATH; the ninja wheel (a dependency) may sit in an
-    un-activated virtual environment."""
-    if shutil.which("ninja"):
-        return
-    try:
-        import ninja
-    except ImportError:
-        return
-    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-
-
-def usable(cache: torch.Tensor) -> bool:
-    """Whether decode steps over this cache ([..., head_dim]) run the kernel."""
-    return cache.device.type == "cpu" and cache.shape[-1] <= MAX_HEAD_DIM and available()
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     lengths: torch.Tensor, sliding_window: int | None, scale: float) -> torch.Tensor:
-    """Write the step's k, v [n, kv_heads, head_dim] into one layer's cache [slots, kv_heads, max_len,
-    head_dim] at position lengths[i] - 1 of slot i, then attend q [n, heads, head_dim] over the
-    slot's positions [0, lengths[i]) (the last sliding_window of them) -> [n, heads, head_dim]."""
-    return torch.ops.llava_batch.decode_attention(q, k, v, keys, values, lengths, sliding_window or 0, scale)
+TORCH_LIBRARY_IMPL(llava_batch, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope", &rope);
+}

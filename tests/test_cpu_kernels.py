@@ -1,0 +1,91 @@
+"""Our CPU kernels against what they replace. Decode attention against SDPA with an explicit mask:
+every dtype the cache may have, grouped-query attention, a sliding window, the head sizes it unrolls
+and the generic one, and the step's keys and values written where the next steps will read them and
+nowhere else. RMSNorm and rope against transformers' own code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from pipeline import cpu_kernels
+
+
+def reference(q, keys, values, lengths, sliding_window, scale):
+    n, heads, dim = q.shape
+    width = int(lengths.max())
+    j, length = torch.arange(width)[None, :], lengths[:, None]
+    mask = j < length
+    if sliding_window:
+        mask &= j >= length - sliding_window
+    k, v = keys[:n, :, :width].float(), values[:n, :, :width].float()
+    out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask[:, None, None], scale=scale,
+                                         enable_gqa=heads != keys.shape[1])
+    return out[:, :, 0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cpu_kernels.available(), "our CPU kernels did not build"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("heads,kv_heads,dim,window", [(8, 8, 64, None), (8, 2, 128, None), (4, 4, 16, 5),
+                                                       (6, 3, 40, None)])
+def test_matches_sdpa(dtype, tol, heads, kv_heads, dim, window):
+    torch.manual_seed(0)
+    keys, values = (torch.randn(6, kv_heads, 50, dim).to(dtype) for _ in range(2))
+    q, k, v = (torch.randn(4, h, 2, dim).to(dtype)[:, :, 0] for h in (heads, kv_heads, kv_heads))  # strided views
+    lengths = torch.tensor([1, 7, 50, 33])
+    expected_keys, expected_values = keys.clone(), values.clone()
+    for i, n in enumerate(lengths.tolist()):
+        expected_keys[i, :, n - 1], expected_values[i, :, n - 1] = k[i], v[i]
+    got = cpu_kernels.decode_attention(q, k, v, keys, values, lengths, window, dim ** -0.5)
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    assert got.dtype == dtype and got.shape == (4, heads, dim)
+    torch.testing.assert_close(got.float(), reference(q, keys, values, lengths, window, dim ** -0.5),
+                               rtol=tol, atol=tol)
+
+
+def test_positions_past_a_rows_length_are_never_read():
+    keys, values = torch.randn(2, 2, 30, 64), torch.randn(2, 2, 30, 64)
+    q, k, v, lengths = torch.randn(2, 2, 64), torch.randn(2, 2, 64), torch.randn(2, 2, 64), torch.tensor([9, 20])
+    before = cpu_kernels.decode_attention(q, k, v, keys, values, lengths, None, 0.125)
+    keys[0, :, 9:], values[1, :, 20:] = float("nan"), float("inf")
+    assert torch.equal(cpu_kernels.decode_attention(q, k, v, keys, values, lengths, None, 0.125), before)
+
+
+def test_bad_lengths_are_refused():
+    keys, new = torch.randn(2, 2, 30, 64), torch.randn(2, 2, 64)
+    for lengths in ([0, 5], [5, 31]):
+        with pytest.raises(RuntimeError, match="length"):
+            cpu_kernels.decode_attention(new, new, new, keys, keys.clone(), torch.tensor(lengths), None, 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", [512, 40])
+def test_rms_norm_matches_the_transformers_module(dtype, hidden):
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(hidden, eps=1e-6).to(dtype)
+    norm.weight.data.normal_()
+    x = torch.randn(16, 3, hidden).to(dtype)
+    got, expected = cpu_kernels.rms_norm(x, norm.weight, 1e-6), norm(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.bfloat16:  # rounded where transformers rounds: the bits match
+        assert torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5) if dtype == torch.float32 else \
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 8, 40])
+def test_rope_matches_transformers_bit_for_bit(dtype, head_dim):
+    torch.manual_seed(0)
+    qkv = torch.randn(4, 3, 10, head_dim).to(dtype)  # q and k are head slices of one projection
+    cos, sin = (torch.randn(4, 3, head_dim).to(dtype) for _ in range(2))
+    q, k = qkv[:, :, :6], qkv[:, :, 6:8]
+    expected_q, expected_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    assert torch.equal(cpu_kernels.rope(q, cos, sin).transpose(1, 2), expected_q)
+    assert torch.equal(cpu_kernels.rope(k, cos, sin).transpose(1, 2), expected_k)
