@@ -218,18 +218,33 @@ def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, 
     step_attend = _step_attention(lm, cache, positions, window)
     prompt_masks = {m: prefill_mask(m, lm.sliding_window, device) for m in set(lengths)}
 
+    runs = _equal_runs(lengths)
+
     def attend(i, q, k, v):  # [tokens, heads, 1, head_dim]
         scale = lm.layers[i].layer.self_attn.scaling
         # Idle slots write garbage at position 0 here; the prompt written next overwrites its slot's.
         out = [step_attend(i, q[:n], k[:n], v[:n])]
-        for r, (start, m) in enumerate(zip(starts, lengths, strict=True)):
-            qr, kr, vr = (t[start:start + m].transpose(0, 2) for t in (q, k, v))  # [1, heads, m, head_dim]
-            cache.write_prefill(i, slots[r:r + 1], kr, vr)
+        for first, count, m in runs:  # prompts of one length in one call: [count, heads, m, head_dim]
+            start, heads = starts[first], q.shape[1]
+            qr, kr, vr = (t[start:start + count * m].reshape(count, m, t.shape[1], -1).transpose(1, 2) for t in (q, k, v))
+            cache.write_prefill(i, slots[first:first + count], kr, vr)
             mask = prompt_masks[m]
-            out.append(_sdpa(qr, kr, vr, mask, scale, causal=mask is None).transpose(0, 2))
+            att = _sdpa(qr, kr, vr, mask, scale, causal=mask is None)
+            out.append(att.transpose(1, 2).reshape(count * m, heads, 1, -1))
         return torch.cat(out)
 
     x = _run(lm, x, pos[:, None], attend)[:, 0]
     last = torch.tensor([s + m - 1 for s, m in zip(starts, lengths, strict=True)], device=device)
     logits = lm.lm_head(lm.norm(torch.cat([x[:n], x[last]])))
     return logits[:n], logits[n:]
+
+
+def _equal_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """(first index, count, length) of each run of consecutive equal lengths."""
+    runs: list[tuple[int, int, int]] = []
+    for r, m in enumerate(lengths):
+        if runs and runs[-1][2] == m:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, m)
+        else:
+            runs.append((r, 1, m))
+    return runs

@@ -90,15 +90,17 @@ def test_prefill_and_decode_match_transformers(name, kernels):
 @pytest.mark.parametrize("name", list(CONFIGS))
 @torch.inference_mode()
 def test_decode_with_prompts_riding_along_matches_separate_passes(name, kernels):
-    """decode_and_prefill = decode_step for the live slots + prefill of the new rows, cache included."""
+    """decode_and_prefill = decode_step for the live slots + prefill of the new rows, cache included;
+    prompts of one length share their attention call."""
     model = build(CONFIGS[name])
     lm = decoder.language_model(model)
     torch.manual_seed(1)
-    apart = KVCache.allocate(len(lm.layers), 5, lm.kv_heads, 48, lm.head_dim, torch.float32, torch.device("cpu"))
+    apart = KVCache.allocate(len(lm.layers), 6, lm.kv_heads, 48, lm.head_dim, torch.float32, torch.device("cpu"))
     apart.data.normal_()
     mixed = KVCache(apart.data.clone())
-    tokens, positions = torch.randint(0, TEXT["vocab_size"], (5,)), torch.tensor([9, 0, 14, 3, 0])
-    prompts, free, live = [torch.randn(7, TEXT["hidden_size"]), torch.randn(12, TEXT["hidden_size"])], [1, 4], [0, 2, 3]
+    tokens, positions = torch.randint(0, TEXT["vocab_size"], (6,)), torch.tensor([9, 0, 14, 3, 0, 0])
+    prompts = [torch.randn(m, TEXT["hidden_size"]) for m in (7, 7, 12)]
+    free, live = [1, 5, 4], [0, 2, 3]
     window = window_for(int(positions.max()), 48)
     step = decoder.decode_step(lm, apart, tokens, positions, window)
     first = torch.cat([decoder.prefill(lm, apart, p[None], torch.tensor([len(p)]), torch.tensor([s]))
@@ -107,7 +109,7 @@ def test_decode_with_prompts_riding_along_matches_separate_passes(name, kernels)
                                                          torch.tensor(free))
     torch.testing.assert_close(step_mixed[live], step[live], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(first_mixed, first, rtol=1e-4, atol=1e-4)
-    for slot, n in [(0, 10), (2, 15), (3, 4), (1, 7), (4, 12)]:  # what later steps will read
+    for slot, n in [(0, 10), (2, 15), (3, 4), (1, 7), (5, 7), (4, 12)]:  # what later steps will read
         torch.testing.assert_close(mixed.data[:, :, slot, :, :n], apart.data[:, :, slot, :, :n])
 
 
