@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -155,65 +156,6 @@ void attend(const float* q, const T* k, const T* v, float* out, int64_t rep, int
   }
 }
 
-// q [n, heads, dim]; k, v [n, kv_heads, dim] the step's new keys and values; keys/values
-// [slots >= n, kv_heads, max_len, dim] one layer of the cache, where k, v are written at position
-// lengths[i] - 1 first; slot i then attends to its positions [max(0, lengths[i] - sliding_window), lengths[i]).
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& keys,
-                            at::Tensor& values, const at::Tensor& lengths, int64_t sliding_window, double scale) {
-  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(), "decode_attention: bad ranks");
-  TORCH_CHECK(keys.stride(3) == 1 && values.strides() == keys.strides(), "decode_attention: cache layout");
-  TORCH_CHECK(keys.scalar_type() == values.scalar_type(), "decode_attention: key/value dtypes differ");
-  const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = keys.size(1);
-  TORCH_CHECK(keys.size(0) >= n && keys.size(3) == dim && heads % kv_heads == 0, "decode_attention: shapes");
-  TORCH_CHECK(dim <= kMaxDim, "decode_attention: head_dim ", dim);
-  TORCH_CHECK(k.dim() == 3 && k.size(0) == n && k.size(1) == kv_heads && k.size(2) == dim && v.sizes() == k.sizes(),
-              "decode_attention: new keys/values");
-  const at::Tensor qf = q.to(at::kFloat).contiguous();
-  const at::Tensor kn = k.to(keys.scalar_type()).contiguous(), vn = v.to(keys.scalar_type()).contiguous();
-  const at::Tensor len = lengths.to(at::kLong).contiguous();
-  TORCH_CHECK(len.numel() == n, "decode_attention: one length per row");
-  const int64_t* lp = len.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(lp[i] >= 1 && lp[i] <= keys.size(2), "decode_attention: length");
-  at::Tensor out = at::empty({n, heads, dim}, qf.options());
-  const int64_t rep = heads / kv_heads;
-  const float* qp = qf.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const auto kernel = [&](auto tag) {
-    using scalar_t = decltype(tag);
-    scalar_t* kp = keys.data_ptr<scalar_t>();
-    scalar_t* vp = values.data_ptr<scalar_t>();
-    const scalar_t* knp = kn.data_ptr<scalar_t>();
-    const scalar_t* vnp = vn.data_ptr<scalar_t>();
-    at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t i = task / kv_heads, g = task % kv_heads;
-        const int64_t length = lp[i];
-        const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, length - sliding_window) : 0;
-        const int64_t base = i * keys.stride(0) + g * keys.stride(1);
-        const int64_t head = (i * heads + g * rep) * dim;
-        const int64_t at = base + (length - 1) * keys.stride(2);
-        std::copy(knp + task * dim, knp + (task + 1) * dim, kp + at);
-        std::copy(vnp + task * dim, vnp + (task + 1) * dim, vp + at);
-        const auto run = [&](auto d) {
-          attend<scalar_t, decltype(d)::value>(qp + head, kp + base, vp + base, op + head, rep, start, length,
-                                               keys.stride(2), dim, static_cast<float>(scale), scores);
-        };
-        if (dim == 128) run(std::integral_constant<int, 128>{});  // llava's language models
-        else if (dim == 64) run(std::integral_constant<int, 64>{});
-        else run(std::integral_constant<int, 0>{});
-      }
-    });
-  };
-  switch (keys.scalar_type()) {
-    case at::kFloat: kernel(float{}); break;
-    case at::kBFloat16: kernel(c10::BFloat16{}); break;
-    case at::kHalf: kernel(c10::Half{}); break;
-    default: TORCH_CHECK(false, "decode_attention: cache dtype ", keys.scalar_type());
-  }
-  return out.to(q.scalar_type());
-}
-
 // ---- RMSNorm and rope, rounding where transformers' eager code rounds ----------------------------
 // Every intermediate that torch would hold in a tensor of dtype T is rounded to T (exact for fp32).
 
@@ -354,11 +296,76 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return out;
 }
 
+// q [n, 1, heads, dim], k, v [n, 1, kv_heads, dim]: the step's projections (rope not yet applied
+// when cos/sin [n, 1, dim] are given). keys/values [slots >= n, kv_heads, max_len, dim]: one layer of
+// the cache, where k, v are written at position lengths[i] - 1 first; slot i then attends to its
+// positions [max(0, lengths[i] - sliding_window), lengths[i]). -> [n, 1, heads * dim] in q's dtype.
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& keys,
+                            at::Tensor& values, const at::Tensor& lengths, int64_t sliding_window, double scale,
+                            const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin) {
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(1) == 1 && k_in.dim() == 4 && v_in.dim() == 4, "decode_attention: q/k/v ranks");
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "decode_attention: cos and sin together");
+  const at::Tensor q = (cos ? rope(q_in, *cos, *sin) : q_in).select(1, 0);
+  const at::Tensor k = (cos ? rope(k_in, *cos, *sin) : k_in).select(1, 0), v = v_in.select(1, 0);
+  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes(), "decode_attention: bad ranks");
+  TORCH_CHECK(keys.stride(3) == 1 && values.strides() == keys.strides(), "decode_attention: cache layout");
+  TORCH_CHECK(keys.scalar_type() == values.scalar_type(), "decode_attention: key/value dtypes differ");
+  const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = keys.size(1);
+  TORCH_CHECK(keys.size(0) >= n && keys.size(3) == dim && heads % kv_heads == 0, "decode_attention: shapes");
+  TORCH_CHECK(dim <= kMaxDim, "decode_attention: head_dim ", dim);
+  TORCH_CHECK(k.dim() == 3 && k.size(0) == n && k.size(1) == kv_heads && k.size(2) == dim && v.sizes() == k.sizes(),
+              "decode_attention: new keys/values");
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  const at::Tensor kn = k.to(keys.scalar_type()).contiguous(), vn = v.to(keys.scalar_type()).contiguous();
+  const at::Tensor len = lengths.to(at::kLong).contiguous();
+  TORCH_CHECK(len.numel() == n, "decode_attention: one length per row");
+  const int64_t* lp = len.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(lp[i] >= 1 && lp[i] <= keys.size(2), "decode_attention: length");
+  at::Tensor out = at::empty({n, heads, dim}, qf.options());
+  const int64_t rep = heads / kv_heads;
+  const float* qp = qf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const auto kernel = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* kp = keys.data_ptr<scalar_t>();
+    scalar_t* vp = values.data_ptr<scalar_t>();
+    const scalar_t* knp = kn.data_ptr<scalar_t>();
+    const scalar_t* vnp = vn.data_ptr<scalar_t>();
+    at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t i = task / kv_heads, g = task % kv_heads;
+        const int64_t length = lp[i];
+        const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, length - sliding_window) : 0;
+        const int64_t base = i * keys.stride(0) + g * keys.stride(1);
+        const int64_t head = (i * heads + g * rep) * dim;
+        const int64_t at = base + (length - 1) * keys.stride(2);
+        std::copy(knp + task * dim, knp + (task + 1) * dim, kp + at);
+        std::copy(vnp + task * dim, vnp + (task + 1) * dim, vp + at);
+        const auto run = [&](auto d) {
+          attend<scalar_t, decltype(d)::value>(qp + head, kp + base, vp + base, op + head, rep, start, length,
+                                               keys.stride(2), dim, static_cast<float>(scale), scores);
+        };
+        if (dim == 128) run(std::integral_constant<int, 128>{});  // llava's language models
+        else if (dim == 64) run(std::integral_constant<int, 64>{});
+        else run(std::integral_constant<int, 0>{});
+      }
+    });
+  };
+  switch (keys.scalar_type()) {
+    case at::kFloat: kernel(float{}); break;
+    case at::kBFloat16: kernel(c10::BFloat16{}); break;
+    case at::kHalf: kernel(c10::Half{}); break;
+    default: TORCH_CHECK(false, "decode_attention: cache dtype ", keys.scalar_type());
+  }
+  return out.to(q.scalar_type()).view({n, 1, heads * dim});
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llava_batch, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor lengths, "
-        "int sliding_window, float scale) -> Tensor");
+        "int sliding_window, float scale, Tensor? cos, Tensor? sin) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }

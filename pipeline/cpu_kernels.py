@@ -71,11 +71,18 @@ def usable(cache: torch.Tensor) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     lengths: torch.Tensor, sliding_window: int | None, scale: float) -> torch.Tensor:
-    """Write the step's k, v [n, kv_heads, head_dim] into one layer's cache [slots, kv_heads, max_len,
-    head_dim] at position lengths[i] - 1 of slot i, then attend q [n, heads, head_dim] over the
-    slot's positions [0, lengths[i]) (the last sliding_window of them) -> [n, heads, head_dim]."""
-    return torch.ops.llava_batch.decode_attention(q, k, v, keys, values, lengths, sliding_window or 0, scale)
+                     lengths: torch.Tensor, sliding_window: int | None, scale: float,
+                     rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One decode step's attention for the first n slots, in one call.
+
+    q [n, 1, heads, head_dim], k, v [n, 1, kv_heads, head_dim] as projected; rope = (cos, sin)
+    [n, 1, head_dim] is applied to q and k first when given. k, v are written into one layer's cache
+    keys/values [slots, kv_heads, max_len, head_dim] at position lengths[i] - 1 of slot i, then q
+    attends over the slot's positions [0, lengths[i]) (the last sliding_window of them).
+    Returns [n, 1, heads * head_dim], ready for o_proj.
+    """
+    cos, sin = rope if rope is not None else (None, None)
+    return torch.ops.llava_batch.decode_attention(q, k, v, keys, values, lengths, sliding_window or 0, scale, cos, sin)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

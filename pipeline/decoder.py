@@ -81,18 +81,18 @@ def language_model(model: nn.Module) -> LanguageModel:
                          text.num_key_value_heads, head_dim, getattr(text, "sliding_window", None), fused)
 
 
-# attend(layer index, q, k, v) -> attention output [batch, heads, seq, head_dim]
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attend(layer index, q, k, v, rope) -> [batch, seq, heads * head_dim]: q, k, v [batch, seq, heads,
+# head_dim] as projected; rope = (cos, sin) [batch, seq, head_dim], for attend to apply (see _rotated).
+Rope = tuple[torch.Tensor, torch.Tensor]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, Rope], torch.Tensor]
 
 
-def _layer(index: int, block: Block, x: torch.Tensor, rope, fused: bool, attend: Attend) -> torch.Tensor:
+def _layer(index: int, block: Block, x: torch.Tensor, rope: Rope, attend: Attend) -> torch.Tensor:
     layer = block.layer
     attn, mlp = layer.self_attn, layer.mlp
     shape = (*x.shape[:2], -1, attn.head_dim)
     q, k, v = (t.view(shape) for t in block.qkv(block.input_norm(x)))
-    q, k = layer_ops.rotate(q, k, *rope, fused)
-    out = attend(index, q, k, v.transpose(1, 2)).transpose(1, 2).reshape(*x.shape[:2], -1)
-    x = x + attn.o_proj(out)
+    x = x + attn.o_proj(attend(index, q, k, v, rope))
     gate, up = block.gate_up(block.post_norm(x))
     return x + mlp.down_proj(mlp.act_fn(gate) * up)  # LlamaMLP.forward, on the fused gate/up
 
@@ -100,8 +100,19 @@ def _layer(index: int, block: Block, x: torch.Tensor, rope, fused: bool, attend:
 def _run(lm: LanguageModel, x: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
     rope = lm.rotary(x, positions)
     for i, block in enumerate(lm.layers):
-        x = _layer(i, block, x, rope, lm.fused_ops, attend)
+        x = _layer(i, block, x, rope, attend)
     return x
+
+
+def _rotated(lm: LanguageModel, q, k, v, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[batch, seq, heads, head_dim] as projected -> [batch, heads, seq, head_dim], rope applied."""
+    q, k = layer_ops.rotate(q, k, *rope, lm.fused_ops)
+    return q, k, v.transpose(1, 2)
+
+
+def _merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]."""
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
 
 
 def _sdpa(q, k, v, mask, scale: float, causal: bool = False) -> torch.Tensor:
@@ -138,10 +149,11 @@ def prefill(lm: LanguageModel, cache: KVCache, embeds: torch.Tensor, lengths: to
     positions = torch.arange(seq, device=embeds.device)[None, :]
     mask = prefill_mask(seq, lm.sliding_window, embeds.device)
 
-    def attend(i, q, k, v):
+    def attend(i, q, k, v, rope):
+        q, k, v = _rotated(lm, q, k, v, rope)
         cache.write_prefill(i, slots, k, v)
         scale = lm.layers[i].layer.self_attn.scaling
-        return _sdpa(q, k, v, mask, scale, causal=mask is None)
+        return _merge_heads(_sdpa(q, k, v, mask, scale, causal=mask is None))
 
     x = _run(lm, embeds, positions, attend)
     last = x[torch.arange(x.shape[0], device=x.device), lengths - 1]
@@ -170,9 +182,11 @@ def _step_attention(lm: LanguageModel, cache: KVCache, positions: torch.Tensor, 
 
     if cache.kernel:
         lengths = positions + 1
-        return lambda i, q, k, v: _attend_kernel(cache, i, q, k, v, lengths, lm.sliding_window, scale(i))
+        return lambda i, q, k, v, rope: _attend_kernel(cache, i, q, k, v, rope, lengths, lm.sliding_window,
+                                                       scale(i))
     mask = decode_mask(positions, window, lm.sliding_window)
-    return lambda i, q, k, v: _attend_step(cache, i, q, k, v, positions, window, mask, scale(i))
+    return lambda i, q, k, v, rope: _merge_heads(
+        _attend_step(cache, i, *_rotated(lm, q, k, v, rope), positions, window, mask, scale(i)))
 
 
 @torch.compiler.disable
@@ -190,12 +204,11 @@ def _attend_step(cache: KVCache, layer: int, q, k, v, positions: torch.Tensor, w
 
 
 @torch.compiler.disable
-def _attend_kernel(cache: KVCache, layer: int, q, k, v, lengths: torch.Tensor, sliding_window: int | None,
-                   scale: float) -> torch.Tensor:
-    """The same as _attend_step through our CPU kernel, which also writes the cache."""
-    keys, values = cache.data[layer]
-    return cpu_kernels.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], keys, values, lengths, sliding_window,
-                                          scale)[:, :, None]
+def _attend_kernel(cache: KVCache, layer: int, q, k, v, rope: Rope, lengths: torch.Tensor,
+                   sliding_window: int | None, scale: float) -> torch.Tensor:
+    """rope, the cache write and attention of a decode step in one call of our CPU kernel."""
+    keys, values = cache.layer(layer)
+    return cpu_kernels.decode_attention(q, k, v, keys, values, lengths, sliding_window, scale, rope)
 
 
 def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
@@ -220,17 +233,18 @@ def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, 
 
     runs = _equal_runs(lengths)
 
-    def attend(i, q, k, v):  # [tokens, heads, 1, head_dim]
+    def attend(i, q, k, v, rope):  # q, k, v [tokens, 1, heads, head_dim]
         scale = lm.layers[i].layer.self_attn.scaling
         # Idle slots write garbage at position 0 here; the prompt written next overwrites its slot's.
-        out = [step_attend(i, q[:n], k[:n], v[:n])]
+        out = [step_attend(i, q[:n], k[:n], v[:n], (rope[0][:n], rope[1][:n]))]
+        q, k, v = _rotated(lm, q[n:], k[n:], v[n:], (rope[0][n:], rope[1][n:]))  # [tokens - n, heads, 1, head_dim]
         for first, count, m in runs:  # prompts of one length in one call: [count, heads, m, head_dim]
-            start, heads = starts[first], q.shape[1]
+            start = starts[first] - n
             qr, kr, vr = (t[start:start + count * m].reshape(count, m, t.shape[1], -1).transpose(1, 2) for t in (q, k, v))
             cache.write_prefill(i, slots[first:first + count], kr, vr)
             mask = prompt_masks[m]
             att = _sdpa(qr, kr, vr, mask, scale, causal=mask is None)
-            out.append(att.transpose(1, 2).reshape(count * m, heads, 1, -1))
+            out.append(att.transpose(1, 2).reshape(count * m, 1, -1))
         return torch.cat(out)
 
     x = _run(lm, x, pos[:, None], attend)[:, 0]

@@ -30,6 +30,7 @@ class KVCache:
 
     def __post_init__(self):
         self.kernel = cpu_kernels.usable(self.data)
+        self._layers = [(layer[0], layer[1]) for layer in self.data]  # views, made once
 
     @classmethod
     def allocate(cls, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
@@ -43,6 +44,10 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.data.shape[4]
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one layer, every slot and position: [slots, kv_heads, max_len, head_dim] each."""
+        return self._layers[layer]
 
     def write_prefill(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [n, kv_heads, length, head_dim] go to positions 0..length-1 of `slots` [n]."""

@@ -14,6 +14,7 @@ from pipeline import cpu_kernels
 
 
 def reference(q, keys, values, lengths, sliding_window, scale):
+    q = q[:, 0]
     n, heads, dim = q.shape
     width = int(lengths.max())
     j, length = torch.arange(width)[None, :], lengths[:, None]
@@ -23,7 +24,7 @@ def reference(q, keys, values, lengths, sliding_window, scale):
     k, v = keys[:n, :, :width].float(), values[:n, :, :width].float()
     out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask[:, None, None], scale=scale,
                                          enable_gqa=heads != keys.shape[1])
-    return out[:, :, 0]
+    return out[:, :, 0].reshape(n, 1, heads * dim)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,31 +38,46 @@ def built():
 def test_matches_sdpa(dtype, tol, heads, kv_heads, dim, window):
     torch.manual_seed(0)
     keys, values = (torch.randn(6, kv_heads, 50, dim).to(dtype) for _ in range(2))
-    q, k, v = (torch.randn(4, h, 2, dim).to(dtype)[:, :, 0] for h in (heads, kv_heads, kv_heads))  # strided views
+    qkv = torch.randn(4, 1, heads + 2 * kv_heads, dim).to(dtype)  # q, k, v: head slices of one projection
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
     lengths = torch.tensor([1, 7, 50, 33])
     expected_keys, expected_values = keys.clone(), values.clone()
     for i, n in enumerate(lengths.tolist()):
-        expected_keys[i, :, n - 1], expected_values[i, :, n - 1] = k[i], v[i]
+        expected_keys[i, :, n - 1], expected_values[i, :, n - 1] = k[i, 0], v[i, 0]
     got = cpu_kernels.decode_attention(q, k, v, keys, values, lengths, window, dim ** -0.5)
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
-    assert got.dtype == dtype and got.shape == (4, heads, dim)
+    assert got.dtype == dtype and got.shape == (4, 1, heads * dim)
     torch.testing.assert_close(got.float(), reference(q, keys, values, lengths, window, dim ** -0.5),
                                rtol=tol, atol=tol)
 
 
 def test_positions_past_a_rows_length_are_never_read():
     keys, values = torch.randn(2, 2, 30, 64), torch.randn(2, 2, 30, 64)
-    q, k, v, lengths = torch.randn(2, 2, 64), torch.randn(2, 2, 64), torch.randn(2, 2, 64), torch.tensor([9, 20])
+    (q, k, v), lengths = (torch.randn(2, 1, 2, 64) for _ in range(3)), torch.tensor([9, 20])
     before = cpu_kernels.decode_attention(q, k, v, keys, values, lengths, None, 0.125)
     keys[0, :, 9:], values[1, :, 20:] = float("nan"), float("inf")
     assert torch.equal(cpu_kernels.decode_attention(q, k, v, keys, values, lengths, None, 0.125), before)
 
 
 def test_bad_lengths_are_refused():
-    keys, new = torch.randn(2, 2, 30, 64), torch.randn(2, 2, 64)
+    keys, new = torch.randn(2, 2, 30, 64), torch.randn(2, 1, 2, 64)
     for lengths in ([0, 5], [5, 31]):
         with pytest.raises(RuntimeError, match="length"):
             cpu_kernels.decode_attention(new, new, new, keys, keys.clone(), torch.tensor(lengths), None, 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_inside_attention_is_rope_then_attention(dtype):
+    torch.manual_seed(0)
+    keys, values = (torch.randn(3, 2, 20, 64).to(dtype) for _ in range(2))
+    q, k, v = (torch.randn(3, 1, h, 64).to(dtype) for h in (4, 2, 2))
+    cos, sin = (torch.randn(3, 1, 64).to(dtype) for _ in range(2))
+    lengths = torch.tensor([5, 20, 1])
+    apart = keys.clone(), values.clone()
+    expected = cpu_kernels.decode_attention(cpu_kernels.rope(q, cos, sin), cpu_kernels.rope(k, cos, sin), v, *apart,
+                                            lengths, None, 0.125)
+    got = cpu_kernels.decode_attention(q, k, v, keys, values, lengths, None, 0.125, rope=(cos, sin))
+    assert torch.equal(got, expected) and torch.equal(keys, apart[0]) and torch.equal(values, apart[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
