@@ -19,8 +19,10 @@ False and the decoder keeps torch's SDPA and the transformers modules: slower, s
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -28,29 +30,36 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_suffix(".cpp")
-
-
-
 MAX_HEAD_DIM = 512
 
 
 @functools.cache
 def available() -> bool:
     """Compile and load the kernel once per process; False (said once on stderr) when that fails."""
+    # Importing cpp_extension warns that there is no CUDA runtime, which CPU kernels do not need.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         from torch.utils import cpp_extension
 
         _put_ninja_on_path()
-        # It warns that there is no CUDA runtime, which a CPU kernel does not need.
-        logging.getLogger(cpp_extension.__name__).setLevel(logging.ERROR)
         cpp_extension.load(
-            name="llava_batch_cpu_kernels", sources=[str(SOURCE)], is_python_module=False,
+            name=f"llava_batch_cpu_kernels_{_cpu_id()}", sources=[str(SOURCE)], is_python_module=False,
             extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], verbose=False)
         return hasattr(torch.ops.llava_batch, "rope")
     except Exception as e:  # noqa: BLE001 - no compiler, no headers: SDPA still works
         print(f"llava-batch: CPU kernels unavailable ({type(e).__name__}: {e}); using SDPA",
               file=sys.stderr)
         return False
+
+
+def _cpu_id() -> str:
+    """Built with -march=native: a build cache shared by different CPUs (an NFS home) must not hand
+    one CPU's binary to another, which could die of an illegal instruction."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor() or platform.machine()
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
 def _put_ninja_on_path() -> None:
