@@ -5,6 +5,8 @@ nowhere else. RMSNorm and rope against transformers' own code."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,3 +107,11 @@ def test_rope_matches_transformers_bit_for_bit(dtype, head_dim):
     expected_q, expected_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     assert torch.equal(cpu_kernels.rope(q, cos, sin).transpose(1, 2), expected_q)
     assert torch.equal(cpu_kernels.rope(k, cos, sin).transpose(1, 2), expected_k)
+
+
+def test_the_ninja_wheel_is_found_without_an_activated_venv(monkeypatch):
+    import ninja
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    cpu_kernels._put_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
