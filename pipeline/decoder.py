@@ -11,6 +11,7 @@ kernels (pipeline/cpu_kernels.py, pipeline/layer_ops.py).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -255,10 +256,9 @@ def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, 
 
 def _equal_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
     """(first index, count, length) of each run of consecutive equal lengths."""
-    runs: list[tuple[int, int, int]] = []
-    for r, m in enumerate(lengths):
-        if runs and runs[-1][2] == m:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1, m)
-        else:
-            runs.append((r, 1, m))
+    runs, first = [], 0
+    for m, group in itertools.groupby(lengths):
+        count = len(list(group))
+        runs.append((first, count, m))
+        first += count
     return runs

@@ -31,10 +31,10 @@ def fuse(owner: nn.Module, names: Sequence[str]) -> Projections:
     if packed is not None:
         return packed.split
     linears = [getattr(owner, name) for name in names]
-    if packed_linear.packable(linears):
-        return packed_linear.pack(owner, names).split
     if not _fusable(linears):
         return lambda x: tuple(linear(x) for linear in linears)
+    if packed_linear.packable(linears):
+        return packed_linear.pack(owner, names).split
     sizes = [linear.out_features for linear in linears]
     weight = _adjacent([linear.weight for linear in linears])
     if weight is None:  # first fusion of these modules: concatenate, then re-point them at slices
