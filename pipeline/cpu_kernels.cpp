@@ -6,11 +6,26 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #include <type_traits>
 #include <vector>
+
+// The vector path of this build, chosen by what the compiler may use (-march=native, -mno-avx512f):
+// LB_AVX512, else LB_AVX2, else plain C++ (aarch64, old x86, and -DLB_SCALAR to test it anywhere).
+#if !defined(LB_SCALAR) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LB_AVX512 1
+#elif !defined(LB_SCALAR) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LB_AVX2 1
+#endif
+#if defined(LB_AVX512) || defined(LB_AVX2)
+#include <immintrin.h>
+#endif
+
+// Each build registers under its own namespace (cpu_kernels.namespace), so several load at once.
+#ifndef LB_NAMESPACE
+#define LB_NAMESPACE llava_batch
+#endif
+#define LB_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define LB_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
 namespace {
 
@@ -27,7 +42,7 @@ inline float widen(c10::Half x) { return static_cast<float>(x); }
 
 constexpr int kMaxDim = 512;
 
-#if defined(__AVX512F__)
+#if defined(LB_AVX512)
 // 16 lanes of a row as fp32.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
@@ -43,7 +58,7 @@ inline __m512 load16(const c10::Half* p) {
 template <typename T, int D>
 inline float score(const float* q, const T* k, int dim) {
   if (D) dim = D;
-#if defined(__AVX512F__)
+#if defined(LB_AVX512)
   if (dim % 16 == 0) {
     __m512 acc = _mm512_setzero_ps();
     for (int j = 0; j < dim; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), load16(k + j), acc);
@@ -59,7 +74,7 @@ inline float score(const float* q, const T* k, int dim) {
 template <typename T, int D>
 inline void weighted_sum(const float* p, const T* v, int64_t n, int64_t stride, float* out, int dim) {
   if (D) dim = D;
-#if defined(__AVX512F__)
+#if defined(LB_AVX512)
   if (dim % 16 == 0) {
     __m512 acc[kMaxDim / 16];
     for (int j = 0; j < dim / 16; ++j) acc[j] = _mm512_setzero_ps();
@@ -76,7 +91,7 @@ inline void weighted_sum(const float* p, const T* v, int64_t n, int64_t stride, 
     for (int i = 0; i < dim; ++i) out[i] += p[t] * widen(v[t * stride + i]);
 }
 
-#if defined(__AVX512F__)
+#if defined(LB_AVX512)
 // exp for x <= 0 (Cephes' expf: a degree-5 polynomial on x - n ln2, then 2^n), ~1 ulp like SDPA's.
 inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
@@ -162,8 +177,7 @@ void attend(const float* q, const T* k, const T* v, float* out, int64_t rep, int
 template <typename T>
 inline float round_to(float x) { return static_cast<float>(static_cast<T>(x)); }
 
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-#define LB_VECTOR 1
+#if defined(LB_AVX512)
 inline __m512 loadn(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
 inline __m512 loadn(const c10::BFloat16* p, int64_t n) {
   const __m256i h = _mm256_maskz_loadu_epi16(lanes(n), p);
@@ -202,7 +216,7 @@ template <typename T>
 void rms_norm_row(const T* x, const T* w, T* out, int64_t h, float eps) {
   float sum = 0.f;
   int64_t i = 0;
-#ifdef LB_VECTOR
+#if defined(LB_AVX512)
   __m512 acc = _mm512_setzero_ps();
   for (; i < h; i += 16) {
     const __m512 v = loadn(x + i, h - i);
@@ -225,7 +239,7 @@ void rms_norm_row(const T* x, const T* w, T* out, int64_t h, float eps) {
 template <typename T>
 void rope_head(const T* x, const T* c, const T* s, T* out, int64_t d) {
   const int64_t half = d / 2;
-#ifdef LB_VECTOR
+#if defined(LB_AVX512)
   for (int64_t i = 0; i < half; i += 16) {
     const int64_t n = half - i;
     const __m512 a = loadn(x + i, n), b = loadn(x + half + i, n);
@@ -363,14 +377,14 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
 
 }  // namespace
 
-TORCH_LIBRARY(llava_batch, m) {
+LB_LIBRARY(LB_NAMESPACE, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor lengths, "
         "int sliding_window, float scale, Tensor? cos, Tensor? sin) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llava_batch, CPU, m) {
+LB_LIBRARY_IMPL(LB_NAMESPACE, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);

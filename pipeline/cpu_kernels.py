@@ -12,8 +12,10 @@ microseconds (24 and 36 us at 16 rows, bf16); ours are one call each (10 and 13 
 same points as the transformers code they replace (bit-identical but for the order of the RMS sum).
 
 Compiled with the machine's C++ compiler (torch.utils.cpp_extension, cached in
-TORCH_EXTENSIONS_DIR), registered as `torch.ops.llava_batch.*`. Without a compiler `available()` is
-False and the decoder keeps torch's SDPA and the transformers modules: slower, same results.
+TORCH_EXTENSIONS_DIR), registered as `torch.ops.llava_batch.*`. Every CPU kind builds it: the
+vector paths (AVX-512, AVX2) sit under their compiler guards, and what this CPU has decides at build
+time which one a build takes. Without a compiler `available()` is False and the decoder keeps torch's
+SDPA and the transformers modules: slower, same results.
 """
 
 from __future__ import annotations
@@ -29,36 +31,107 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import ConfigError
+
 SOURCE = Path(__file__).with_suffix(".cpp")
 MAX_HEAD_DIM = 512
+ENV = "LLAVA_BATCH_CPU_KERNELS"  # native (default) | avx2 | scalar | off
+
+# Builds of the one source. "native" takes the widest vector path the compiler may use on this CPU
+# (AVX-512, else AVX2, else plain C++ that gcc vectorises as it can, which is what aarch64 runs).
+# The others switch vector paths off so that every machine also tests the narrower paths: an
+# AVX-512 machine must not hide a broken AVX2 or scalar path.
+VARIANTS = {"native": [], "avx2": ["-mno-avx512f"], "scalar": ["-DLB_SCALAR"]}
+
+
+def arch_flags(machine: str | None = None) -> list[str]:
+    """The compiler's tuning for this CPU: x86 takes -march=native, aarch64 -mcpu=native (gcc's
+    spelling there); anything else builds generic code."""
+    machine = machine or platform.machine()
+    if machine in ("x86_64", "AMD64", "i686"):
+        return ["-march=native"]
+    if machine in ("aarch64", "arm64"):
+        return ["-mcpu=native"]
+    return []
+
+
+def cflags(variant: str, machine: str | None = None) -> list[str]:
+    """Everything the build of `variant` passes to the compiler besides torch's own flags."""
+    return ["-O3", *arch_flags(machine), "-ffp-contract=off", *VARIANTS[variant],
+            f"-DLB_NAMESPACE={namespace(variant)}"]
+
+
+def namespace(variant: str) -> str:
+    """Each build registers its ops under its own name, so several builds can load in one process."""
+    return "llava_batch" if variant == "native" else f"llava_batch_{variant}"
+
+
+def testable_variants() -> list[str]:
+    """The builds whose code this CPU can run and that differ from each other here."""
+    flags = _cpu_flags()
+    variants = ["native"]
+    if {"avx512f", "avx2", "fma", "f16c"} <= flags:  # native is the AVX-512 path: AVX2 is another
+        variants.append("avx2")
+    return [*variants, "scalar"]
+
+
+def selected() -> str | None:
+    """The build the engine uses: $LLAVA_BATCH_CPU_KERNELS, else native; None for `off`."""
+    variant = os.environ.get(ENV, "native").strip() or "native"
+    if variant == "off":
+        return None
+    if variant not in VARIANTS:
+        raise ConfigError(f"{ENV}={variant!r}: expected one of {', '.join([*VARIANTS, 'off'])}")
+    return variant
 
 
 @functools.cache
-def available() -> bool:
-    """Compile and load the kernel once per process; False (said once on stderr) when that fails."""
+def build(variant: str):
+    """The ops of one build, compiled and loaded once per process; None (said once on stderr) when
+    that fails: no compiler, no headers, a compiler that does not know this CPU."""
     # Importing cpp_extension warns that there is no CUDA runtime, which CPU kernels do not need.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         from torch.utils import cpp_extension
 
         _put_ninja_on_path()
-        cpp_extension.load(
-            name=f"llava_batch_cpu_kernels_{_cpu_id()}", sources=[str(SOURCE)], is_python_module=False,
-            extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], verbose=False)
-        return hasattr(torch.ops.llava_batch, "rope")
-    except Exception as e:  # noqa: BLE001 - no compiler, no headers: SDPA still works
-        print(f"llava-batch: CPU kernels unavailable ({type(e).__name__}: {e}); using SDPA",
+        cpp_extension.load(name=f"llava_batch_cpu_kernels_{variant}_{_cpu_id()}", sources=[str(SOURCE)],
+                           is_python_module=False, extra_cflags=cflags(variant), verbose=False)
+        ops = getattr(torch.ops, namespace(variant))
+        ops.rope  # noqa: B018 - raises when the library did not register
+        return ops
+    except Exception as e:  # noqa: BLE001 - the engine falls back to SDPA and torch's ops
+        print(f"llava-batch: CPU kernels ({variant}) unavailable ({type(e).__name__}: {e}); using SDPA",
               file=sys.stderr)
-        return False
+        return None
+
+
+def available() -> bool:
+    """Whether the engine's build of our kernels is there (compiling it on first use)."""
+    variant = selected()
+    return variant is not None and build(variant) is not None
+
+
+def _ops(variant: str | None):
+    ops = build(variant or selected() or "native")
+    if ops is None:
+        raise RuntimeError("llava-batch CPU kernels are not available")
+    return ops
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.partition(":")[2].split())
 
 
 def _cpu_id() -> str:
-    """Built with -march=native: a build cache shared by different CPUs (an NFS home) must not hand
-    one CPU's binary to another, which could die of an illegal instruction."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor() or platform.machine()
+    """Built for this CPU: a build cache shared by different CPUs (an NFS home) must not hand one
+    CPU's binary to another, which could die of an illegal instruction."""
+    flags = " ".join(sorted(_cpu_flags())) or platform.processor() or platform.machine()
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
@@ -81,7 +154,8 @@ def usable(cache: torch.Tensor) -> bool:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      lengths: torch.Tensor, sliding_window: int | None, scale: float,
-                     rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     rope: tuple[torch.Tensor, torch.Tensor] | None = None, variant: str | None = None
+                     ) -> torch.Tensor:
     """One decode step's attention for the first n slots, in one call.
 
     q [n, 1, heads, head_dim], k, v [n, 1, kv_heads, head_dim] as projected; rope = (cos, sin)
@@ -91,16 +165,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
     Returns [n, 1, heads * head_dim], ready for o_proj.
     """
     cos, sin = rope if rope is not None else (None, None)
-    return torch.ops.llava_batch.decode_attention(q, k, v, keys, values, lengths, sliding_window or 0, scale, cos, sin)
+    return _ops(variant).decode_attention(q, k, v, keys, values, lengths, sliding_window or 0, scale, cos, sin)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, variant: str | None = None) -> torch.Tensor:
     """LlamaRMSNorm.forward: weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), over the last dim."""
     shape = x.shape
-    return torch.ops.llava_batch.rms_norm(x.reshape(-1, shape[-1]), weight, eps).view(shape)
+    return _ops(variant).rms_norm(x.reshape(-1, shape[-1]), weight, eps).view(shape)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, variant: str | None = None) -> torch.Tensor:
     """apply_rotary_pos_emb on x [batch, seq, heads, head_dim] (head_dim contiguous), cos/sin
     [batch, seq, head_dim] -> a new [batch, seq, heads, head_dim] tensor."""
-    return torch.ops.llava_batch.rope(x, cos, sin)
+    return _ops(variant).rope(x, cos, sin)

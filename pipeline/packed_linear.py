@@ -60,7 +60,7 @@ def packable(linears: list[nn.Module]) -> bool:
     """Plain bf16 nn.Linear modules on the CPU, with oneDNN present and packing it as expected."""
     return all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.bfloat16 for m in linears) \
-        and _works()
+        and onednn_packs_bf16()
 
 
 def pack(owner: nn.Module, names: list[str]) -> PackedLinear:
@@ -88,7 +88,10 @@ def packed_group(owner: nn.Module, names: list[str]) -> PackedLinear | None:
 
 
 @functools.cache
-def _works() -> bool:
+def onednn_packs_bf16() -> bool:
+    """Whether this torch and CPU pack bf16 weights for oneDNN, bit-identical to F.linear. oneDNN's
+    bf16 kernels need AVX-512 (BF16 or AMX to be fast); where it has none, torch runs bf16 linears
+    its own way and packing would buy nothing, so the linears stay plain."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
