@@ -47,10 +47,10 @@ def prepare(work: Path, image_size: int, caption_median: int, images: int) -> tu
     return model, manifest
 
 
-def bench(model: Path, manifest: Path, out: Path, engines: str, max_new: int, extra: list[str]) -> dict:
+def bench(model: Path, manifest: Path, out: Path, engines: str, max_new: int, dtype: str, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "pipeline.cli", "bench", "--workload", "captions", "--model", str(model),
            "--manifest", str(manifest), "--engines", engines, "--max-output-length", str(max_new),
-           "--dtype", "bfloat16", "--device", "cpu", "--out", str(out), *extra]
+           "--dtype", dtype, "--device", "cpu", "--out", str(out), *extra]
     started = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     report = json.loads((out / "captions_bench.json").read_text())
@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=160)
     parser.add_argument("--hf-batch-sizes", default="8,16")
     parser.add_argument("--caption-median", type=int, default=None, help="override the workload's")
+    parser.add_argument("--dtype", default="bfloat16", choices=["auto", "bfloat16", "float32"],
+                        help="auto: what a job on this CPU runs in (devices.resolve_dtype)")
     args = parser.parse_args()
     spec = WORKLOADS[args.workload]
     work = Path(args.work)
@@ -72,19 +74,20 @@ def main() -> None:
     model, manifest = prepare(work, spec["image_size"], spec["caption_median"], args.images)
     load_before = os.getloadavg()
     out = work / f"{args.workload}-out"
-    fast = bench(model, manifest, out / "fast", "fast", spec["max_output_length"], ["--max-batch-size", "16"])
-    hf = bench(model, manifest, out / "hf", "hf", spec["max_output_length"],
+    fast = bench(model, manifest, out / "fast", "fast", spec["max_output_length"], args.dtype,
+                 ["--max-batch-size", "16"])
+    hf = bench(model, manifest, out / "hf", "hf", spec["max_output_length"], args.dtype,
                ["--hf-batch-sizes", args.hf_batch_sizes])
     best = max(hf["hf"], key=lambda r: r["tokens_per_s"])
     f = fast["fast"]
-    peak = fast["machine"]["bf16_matmul_gflop_per_s"]
+    peak = fast["machine"][f"{'fp32' if fast['dtype'] == 'float32' else 'bf16'}_matmul_gflop_per_s"]
     print(json.dumps({
-        "workload": args.workload, **spec, "images": args.images,
+        "workload": args.workload, **spec, "images": args.images, "dtype": fast["dtype"],
         "fast_tokens_per_s": f["tokens_per_s"], "fast_seconds": f["seconds"], "fast_output_tokens": f["output_tokens"],
         "hf": hf["hf"], "hf_best_tokens_per_s": best["tokens_per_s"],
         "speedup_vs_best_hf": round(f["tokens_per_s"] / best["tokens_per_s"], 2),
         "busy_fraction": f["busy_fraction"], "engine": f["engine"],
-        "prefill_gflop_per_s": f["prefill_gflop_per_s"], "bf16_matmul_peak_gflop_per_s": peak,
+        "prefill_gflop_per_s": f["prefill_gflop_per_s"], "matmul_peak_gflop_per_s": peak,
         "prefill_fraction_of_peak": round(f["prefill_gflop_per_s"] / peak, 3) if f["prefill_gflop_per_s"] else None,
         "machine": fast["machine"], "process_s": {"fast": fast["process_s"], "hf": hf["process_s"]},
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),

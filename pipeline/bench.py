@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import platform
 import time
 from pathlib import Path
 
@@ -175,15 +176,37 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
 
 
 def machine_peaks(size: int = 2048, copy_mb: int = 512) -> dict:
-    """Measured bf16 matmul GFLOP/s and copy bandwidth (GB/s, read + write) of this machine's CPU."""
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
-    best = min(_timed(lambda: a @ b) for _ in range(10))  # min: the least disturbed run
+    """What this CPU is, and its measured matmul GFLOP/s (bf16, fp32) and copy bandwidth (GB/s, read +
+    write): figures from one machine kind say little about another."""
     src = torch.empty(copy_mb * 2**20 // 4)
     dst = torch.empty_like(src)
     copy = min(_timed(lambda: dst.copy_(src)) for _ in range(10))
-    return {"bf16_matmul_gflop_per_s": round(2 * size**3 / best / 1e9, 1),
+    return {"cpu": cpu_kind(), "bf16_matmul_gflop_per_s": _matmul_gflop_per_s(torch.bfloat16, size),
+            "fp32_matmul_gflop_per_s": _matmul_gflop_per_s(torch.float32, size),
             "copy_gb_per_s": round(2 * src.numel() * 4 / copy / 1e9, 2)}
+
+
+def _matmul_gflop_per_s(dtype: torch.dtype, size: int) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    best = min(_timed(lambda: a @ b) for _ in range(10))  # min: the least disturbed run
+    return round(2 * size**3 / best / 1e9, 1)
+
+
+def cpu_kind() -> dict:
+    """The CPU and what the engine's CPU path decided on it (pipeline/cpu_kernels.py, packed_linear.py)."""
+    from pipeline import cpu_kernels, packed_linear
+
+    model = next((line.partition(":")[2].strip() for line in _cpuinfo() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    return {"model": model, "machine": platform.machine(), "torch_isa": torch.backends.cpu.get_cpu_capability(),
+            "onednn_packs_bf16": packed_linear.onednn_packs_bf16(), "cpu_kernels": cpu_kernels.selected()}
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
 
 
 def _timed(fn) -> float:

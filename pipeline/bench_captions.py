@@ -26,7 +26,8 @@ def run(args) -> dict:
     if args.compare == "hf" and "hf" not in engines:
         engines.append("hf")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    report = {"model": Path(args.model).name, "manifest": args.manifest, "dtype": args.dtype,
+    dtype = devices.resolve_dtype(args.dtype, devices.resolve_device(args.device))
+    report = {"model": Path(args.model).name, "manifest": args.manifest, "dtype": str(dtype).removeprefix("torch."),
               "max_output_length": args.max_output_length, "machine": machine_peaks()}
     if "fast" in engines:
         report["fast"] = run_fast(args)

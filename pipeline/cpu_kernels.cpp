@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -42,91 +43,175 @@ inline float widen(c10::Half x) { return static_cast<float>(x); }
 
 constexpr int kMaxDim = 512;
 
-#if defined(LB_AVX512)
-// 16 lanes of a row as fp32.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-#endif
+// Every intermediate that torch would hold in a tensor of dtype T is rounded to T (exact for fp32).
+template <typename T>
+inline float round_to(float x) { return static_cast<float>(static_cast<T>(x)); }
 
-// q . k over dim lanes. D > 0 is dim known at compile time (the loops then unroll).
-template <typename T, int D>
-inline float score(const float* q, const T* k, int dim) {
-  if (D) dim = D;
+#if defined(LB_AVX512) || defined(LB_AVX2)
+using BF16 = c10::BFloat16;
+using Half = c10::Half;
+
 #if defined(LB_AVX512)
-  if (dim % 16 == 0) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int j = 0; j < dim; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), load16(k + j), acc);
-    return _mm512_reduce_add_ps(acc);
+// The vector ops the kernels are written in, on N fp32 lanes; rows of fp32, bf16 or fp16 widen as
+// they load and round as they store. loadn/storen touch only the first n (< N) elements.
+struct V {
+  using F = __m512;
+  static constexpr int N = 16;
+  static __mmask16 lanes(int64_t n) { return n >= N ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static float reduce_add(F x) { return _mm512_reduce_add_ps(x); }
+  static float reduce_max(F x) { return _mm512_reduce_max_ps(x); }
+  static F max_first(F top, F x, int64_t n) { return _mm512_mask_max_ps(top, lanes(n), x, top); }
+  static F add_first(F total, F x, int64_t n) { return _mm512_mask_add_ps(total, lanes(n), total, x); }
+  static F round_nearest(F x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F scale_by_pow2(F y, F n) { return _mm512_scalef_ps(y, n); }
+
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F x) { _mm512_storeu_ps(p, x); }
+  static F load(const BF16* p) { return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static F load(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static F loadn(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
+  static F loadn(const BF16* p, int64_t n) { return widen_bf16(_mm256_maskz_loadu_epi16(lanes(n), p)); }
+  static F loadn(const Half* p, int64_t n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes(n), p)); }
+  static void storen(float* p, F x, int64_t n) { _mm512_mask_storeu_ps(p, lanes(n), x); }
+  static void storen(BF16* p, F x, int64_t n) { _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtepi32_epi16(bf16_bits(x))); }
+  static void storen(Half* p, F x, int64_t n) { _mm256_mask_storeu_epi16(p, lanes(n), to_half(x)); }
+
+  template <typename T> static F round_to(F x) {
+    if constexpr (std::is_same_v<T, BF16>) return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(x), 16));
+    else if constexpr (std::is_same_v<T, Half>) return _mm512_cvtph_ps(to_half(x));
+    else return x;
   }
-#endif
-  float acc = 0.f;
-  for (int i = 0; i < dim; ++i) acc += q[i] * widen(k[i]);
-  return acc;
-}
 
-// out = sum_t p[t] * v[t] over n positions `stride` elements apart.
-template <typename T, int D>
-inline void weighted_sum(const float* p, const T* v, int64_t n, int64_t stride, float* out, int dim) {
-  if (D) dim = D;
-#if defined(LB_AVX512)
-  if (dim % 16 == 0) {
-    __m512 acc[kMaxDim / 16];
-    for (int j = 0; j < dim / 16; ++j) acc[j] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < n; ++t) {
-      const __m512 w = _mm512_set1_ps(p[t]);
-      for (int j = 0; j < dim / 16; ++j) acc[j] = _mm512_fmadd_ps(w, load16(v + t * stride + 16 * j), acc[j]);
+ private:
+  static F widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  static __m256i to_half(F x) { return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // fp32 -> bf16 bits in each 32-bit lane, round to nearest even (c10::BFloat16's rounding; NaN stays NaN).
+  static __m512i bf16_bits(F x) {
+    const __m512i b = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  }
+};
+#else
+// The same ops on AVX2 + FMA + F16C. AVX2 has no masked 16-bit loads or stores: partial rows go
+// through a small buffer.
+struct V {
+  using F = __m256;
+  static constexpr int N = 8;
+  static __m256i lanes(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, N))),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static float reduce_add(F x) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  }
+  static float reduce_max(F x) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  }
+  static F max_first(F top, F x, int64_t n) { return _mm256_blendv_ps(top, _mm256_max_ps(top, x), mask(n)); }
+  static F add_first(F total, F x, int64_t n) { return _mm256_add_ps(total, _mm256_and_ps(x, mask(n))); }
+  static F round_nearest(F x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // y * 2^n for integral n in [-126, 127]: n goes straight into the exponent field.
+  static F scale_by_pow2(F y, F n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  }
+
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+  static F load(const BF16* p) { return widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static F load(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static F loadn(const float* p, int64_t n) { return _mm256_maskload_ps(p, lanes(n)); }
+  template <typename T> static F loadn(const T* p, int64_t n) {
+    if (n >= N) return load(p);
+    T buf[N] = {};
+    std::memcpy(buf, p, n * sizeof(T));
+    return load(buf);
+  }
+  static void storen(float* p, F x, int64_t n) { _mm256_maskstore_ps(p, lanes(n), x); }
+  static void storen(BF16* p, F x, int64_t n) { store16(p, bf16_bits(x), n); }
+  static void storen(Half* p, F x, int64_t n) { store16(p, to_half(x), n); }
+
+  template <typename T> static F round_to(F x) {
+    if constexpr (std::is_same_v<T, BF16>) return widen_bf16(bf16_bits(x));
+    else if constexpr (std::is_same_v<T, Half>) return _mm256_cvtph_ps(to_half(x));
+    else return x;
+  }
+
+ private:
+  static F mask(int64_t n) { return _mm256_castsi256_ps(lanes(n)); }
+  static F widen_bf16(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+  static __m128i to_half(F x) { return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // fp32 -> 8 bf16, round to nearest even (c10::BFloat16's rounding; NaN stays NaN).
+  static __m128i bf16_bits(F x) {
+    const __m256i b = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    // 32 -> 16 bits: packus works within 128-bit halves; the permute puts the halves' results together.
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8));
+  }
+  template <typename T> static void store16(T* p, __m128i bits, int64_t n) {
+    if (n >= N) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bits);
+      return;
     }
-    for (int j = 0; j < dim / 16; ++j) _mm512_storeu_ps(out + 16 * j, acc[j]);
-    return;
+    T buf[N];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(buf), bits);
+    std::memcpy(p, buf, n * sizeof(T));
   }
+};
 #endif
-  std::fill(out, out + dim, 0.f);
-  for (int64_t t = 0; t < n; ++t)
-    for (int i = 0; i < dim; ++i) out[i] += p[t] * widen(v[t * stride + i]);
-}
 
-#if defined(LB_AVX512)
 // exp for x <= 0 (Cephes' expf: a degree-5 polynomial on x - n ln2, then 2^n), ~1 ulp like SDPA's.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(y, n);
+inline V::F exp_nonpositive(V::F x) {
+  x = V::max(x, V::set1(-87.3f));
+  const V::F n = V::round_nearest(V::mul(x, V::set1(1.44269504088896341f)));
+  V::F r = V::fnmadd(n, V::set1(0.693359375f), x);
+  r = V::fnmadd(n, V::set1(-2.12194440e-4f), r);
+  V::F y = V::set1(1.9875691500e-4f);
+  y = V::fmadd(y, r, V::set1(1.3981999507e-3f));
+  y = V::fmadd(y, r, V::set1(8.3334519073e-3f));
+  y = V::fmadd(y, r, V::set1(4.1665795894e-2f));
+  y = V::fmadd(y, r, V::set1(1.6666665459e-1f));
+  y = V::fmadd(y, r, V::set1(5.0000001201e-1f));
+  y = V::fmadd(y, V::mul(r, r), V::add(r, V::set1(1.f)));
+  return V::scale_by_pow2(y, n);
 }
-
-inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
 
 inline void softmax(float* s, int64_t n) {
-  __m512 top = _mm512_set1_ps(-INFINITY);
-  for (int64_t t = 0; t < n; t += 16) top = _mm512_mask_max_ps(top, lanes(n - t), _mm512_loadu_ps(s + t), top);
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 k = lanes(n - t);
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), m));
-    _mm512_mask_storeu_ps(s + t, k, e);
-    total = _mm512_mask_add_ps(total, k, total, e);
+  V::F top = V::set1(-INFINITY);
+  for (int64_t t = 0; t < n; t += V::N) top = V::max_first(top, V::loadn(s + t, n - t), n - t);
+  const V::F m = V::set1(V::reduce_max(top));
+  V::F total = V::zero();
+  for (int64_t t = 0; t < n; t += V::N) {
+    const V::F e = exp_nonpositive(V::sub(V::loadn(s + t, n - t), m));
+    V::storen(s + t, e, n - t);
+    total = V::add_first(total, e, n - t);
   }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
-  for (int64_t t = 0; t < n; t += 16) {
-    const __mmask16 k = lanes(n - t);
-    _mm512_mask_storeu_ps(s + t, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + t), inv));
-  }
+  const V::F inv = V::set1(1.f / V::reduce_add(total));
+  for (int64_t t = 0; t < n; t += V::N) V::storen(s + t, V::mul(V::loadn(s + t, n - t), inv), n - t);
 }
 #else
 inline void softmax(float* s, int64_t n) {
@@ -140,6 +225,43 @@ inline void softmax(float* s, int64_t n) {
   for (int64_t t = 0; t < n; ++t) s[t] *= inv;
 }
 #endif
+
+// q . k over dim lanes. D > 0 is dim known at compile time (the loops then unroll).
+template <typename T, int D>
+inline float score(const float* q, const T* k, int dim) {
+  if (D) dim = D;
+#if defined(LB_AVX512) || defined(LB_AVX2)
+  if (dim % V::N == 0) {
+    V::F acc = V::zero();
+    for (int j = 0; j < dim; j += V::N) acc = V::fmadd(V::load(q + j), V::load(k + j), acc);
+    return V::reduce_add(acc);
+  }
+#endif
+  float acc = 0.f;
+  for (int i = 0; i < dim; ++i) acc += q[i] * widen(k[i]);
+  return acc;
+}
+
+// out = sum_t p[t] * v[t] over n positions `stride` elements apart.
+template <typename T, int D>
+inline void weighted_sum(const float* p, const T* v, int64_t n, int64_t stride, float* out, int dim) {
+  if (D) dim = D;
+#if defined(LB_AVX512) || defined(LB_AVX2)
+  if (dim % V::N == 0) {
+    V::F acc[kMaxDim / V::N];
+    for (int j = 0; j < dim / V::N; ++j) acc[j] = V::zero();
+    for (int64_t t = 0; t < n; ++t) {
+      const V::F w = V::set1(p[t]);
+      for (int j = 0; j < dim / V::N; ++j) acc[j] = V::fmadd(w, V::load(v + t * stride + V::N * j), acc[j]);
+    }
+    for (int j = 0; j < dim / V::N; ++j) V::store(out + V::N * j, acc[j]);
+    return;
+  }
+#endif
+  std::fill(out, out + dim, 0.f);
+  for (int64_t t = 0; t < n; ++t)
+    for (int i = 0; i < dim; ++i) out[i] += p[t] * widen(v[t * stride + i]);
+}
 
 // A decode step reads each layer's cache cold (the other layers and the weights evict it); the
 // hardware prefetcher ramps up too slowly over one slot's few-KB rows (3x slower than warm here).
@@ -172,66 +294,26 @@ void attend(const float* q, const T* k, const T* v, float* out, int64_t rep, int
 }
 
 // ---- RMSNorm and rope, rounding where transformers' eager code rounds ----------------------------
-// Every intermediate that torch would hold in a tensor of dtype T is rounded to T (exact for fp32).
-
-template <typename T>
-inline float round_to(float x) { return static_cast<float>(static_cast<T>(x)); }
-
-#if defined(LB_AVX512)
-inline __m512 loadn(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
-inline __m512 loadn(const c10::BFloat16* p, int64_t n) {
-  const __m256i h = _mm256_maskz_loadu_epi16(lanes(n), p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 loadn(const c10::Half* p, int64_t n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes(n), p)); }
-
-// fp32 -> bf16 bits, round to nearest even (c10::BFloat16's rounding; NaN stays NaN).
-inline __m512i bf16_bits(__m512 x) {
-  const __m512i b = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-}
-
-template <typename T> inline __m512 round_to(__m512 x);
-template <> inline __m512 round_to<float>(__m512 x) { return x; }
-template <> inline __m512 round_to<c10::BFloat16>(__m512 x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(x), 16));
-}
-template <> inline __m512 round_to<c10::Half>(__m512 x) {
-  return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-inline void storen(float* p, __m512 x, int64_t n) { _mm512_mask_storeu_ps(p, lanes(n), x); }
-inline void storen(c10::BFloat16* p, __m512 x, int64_t n) {
-  _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtepi32_epi16(bf16_bits(x)));
-}
-inline void storen(c10::Half* p, __m512 x, int64_t n) {
-  _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-#endif
 
 // LlamaRMSNorm: y = (x * rsqrt(mean(x^2) + eps)).to(T); out = weight * y.
 template <typename T>
 void rms_norm_row(const T* x, const T* w, T* out, int64_t h, float eps) {
-  float sum = 0.f;
-  int64_t i = 0;
-#if defined(LB_AVX512)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i < h; i += 16) {
-    const __m512 v = loadn(x + i, h - i);
-    acc = _mm512_fmadd_ps(v, v, acc);
+#if defined(LB_AVX512) || defined(LB_AVX2)
+  V::F acc = V::zero();
+  for (int64_t i = 0; i < h; i += V::N) {
+    const V::F v = V::loadn(x + i, h - i);
+    acc = V::fmadd(v, v, acc);
   }
-  sum = _mm512_reduce_add_ps(acc);
-  const float r = 1.f / std::sqrt(sum / static_cast<float>(h) + eps);
-  for (i = 0; i < h; i += 16) {
-    const __m512 y = round_to<T>(_mm512_mul_ps(loadn(x + i, h - i), _mm512_set1_ps(r)));
-    storen(out + i, _mm512_mul_ps(loadn(w + i, h - i), y), h - i);
+  const float r = 1.f / std::sqrt(V::reduce_add(acc) / static_cast<float>(h) + eps);
+  for (int64_t i = 0; i < h; i += V::N) {
+    const V::F y = V::round_to<T>(V::mul(V::loadn(x + i, h - i), V::set1(r)));
+    V::storen(out + i, V::mul(V::loadn(w + i, h - i), y), h - i);
   }
 #else
-  for (; i < h; ++i) sum += widen(x[i]) * widen(x[i]);
+  float sum = 0.f;
+  for (int64_t i = 0; i < h; ++i) sum += widen(x[i]) * widen(x[i]);
   const float r = 1.f / std::sqrt(sum / static_cast<float>(h) + eps);
-  for (i = 0; i < h; ++i) out[i] = static_cast<T>(widen(w[i]) * round_to<T>(widen(x[i]) * r));
+  for (int64_t i = 0; i < h; ++i) out[i] = static_cast<T>(widen(w[i]) * round_to<T>(widen(x[i]) * r));
 #endif
 }
 
@@ -239,16 +321,16 @@ void rms_norm_row(const T* x, const T* w, T* out, int64_t h, float eps) {
 template <typename T>
 void rope_head(const T* x, const T* c, const T* s, T* out, int64_t d) {
   const int64_t half = d / 2;
-#if defined(LB_AVX512)
-  for (int64_t i = 0; i < half; i += 16) {
+#if defined(LB_AVX512) || defined(LB_AVX2)
+  for (int64_t i = 0; i < half; i += V::N) {
     const int64_t n = half - i;
-    const __m512 a = loadn(x + i, n), b = loadn(x + half + i, n);
-    const __m512 lo = _mm512_add_ps(round_to<T>(_mm512_mul_ps(a, loadn(c + i, n))),
-                                    round_to<T>(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(b, loadn(s + i, n)))));
-    const __m512 hi = _mm512_add_ps(round_to<T>(_mm512_mul_ps(b, loadn(c + half + i, n))),
-                                    round_to<T>(_mm512_mul_ps(a, loadn(s + half + i, n))));
-    storen(out + i, lo, n);
-    storen(out + half + i, hi, n);
+    const V::F a = V::loadn(x + i, n), b = V::loadn(x + half + i, n);
+    const V::F lo = V::add(V::round_to<T>(V::mul(a, V::loadn(c + i, n))),
+                           V::round_to<T>(V::sub(V::zero(), V::mul(b, V::loadn(s + i, n)))));
+    const V::F hi = V::add(V::round_to<T>(V::mul(b, V::loadn(c + half + i, n))),
+                           V::round_to<T>(V::mul(a, V::loadn(s + half + i, n))));
+    V::storen(out + i, lo, n);
+    V::storen(out + half + i, hi, n);
   }
 #else
   for (int64_t i = 0; i < half; ++i) {
@@ -375,9 +457,20 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   return out.to(q.scalar_type()).view({n, 1, heads * dim});
 }
 
+std::string vector_path() {
+#if defined(LB_AVX512)
+  return "avx512";
+#elif defined(LB_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
 }  // namespace
 
 LB_LIBRARY(LB_NAMESPACE, m) {
+  m.def("vector_path() -> str");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor lengths, "
         "int sliding_window, float scale, Tensor? cos, Tensor? sin) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -389,3 +482,6 @@ LB_LIBRARY_IMPL(LB_NAMESPACE, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);
 }
+
+// No tensor arguments to dispatch on: the build's vector path is registered for every backend.
+LB_LIBRARY_IMPL(LB_NAMESPACE, CompositeExplicitAutograd, m) { m.impl("vector_path", &vector_path); }

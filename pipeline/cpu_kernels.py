@@ -112,6 +112,20 @@ def available() -> bool:
     return variant is not None and build(variant) is not None
 
 
+def expected_path(variant: str) -> str:
+    """The vector path (avx512 | avx2 | scalar) the build of `variant` must take on this CPU."""
+    flags = _cpu_flags()
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    if variant == "scalar" or not avx2:
+        return "scalar"
+    return "avx512" if variant == "native" and {"avx512f", "avx512bw", "avx512vl"} <= flags else "avx2"
+
+
+def vector_path(variant: str | None = None) -> str:
+    """The vector path the build of `variant` (default: the engine's) took."""
+    return _ops(variant).vector_path()
+
+
 def _ops(variant: str | None):
     ops = build(variant or selected() or "native")
     if ops is None:

@@ -128,6 +128,10 @@ def test_rope_matches_transformers_bit_for_bit(dtype, head_dim, variant):
     assert torch.equal(cpu_kernels.rope(k, cos, sin, variant=variant).transpose(1, 2), expected_k)
 
 
+def test_each_build_takes_the_vector_path_it_is_named_for(variant):
+    assert cpu_kernels.vector_path(variant) == cpu_kernels.expected_path(variant)
+
+
 def test_the_ninja_wheel_is_found_without_an_activated_venv(monkeypatch):
     import ninja
 
