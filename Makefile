@@ -6,13 +6,14 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: run test lint bench clean-demo
 
-$(VENV)/.base: pyproject.toml
+# constraints.txt: the exact versions tested (pyproject.toml holds the ranges users install from).
+$(VENV)/.base: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e .
+	$(PIP) -c constraints.txt -e .
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -e '.[test,eval,quant,ray]'
+	$(PIP) -c constraints.txt -e '.[test,eval,quant,ray]'
 	touch $@
 
 run: $(VENV)/.base
