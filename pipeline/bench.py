@@ -192,7 +192,7 @@ def _matmul_gflop_per_s(dtype: torch.dtype, size: int) -> float:
     n = 256
     while True:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        best = min(_timed(lambda: a @ b) for _ in range(3 if n < size else 10))  # min: least disturbed
+        best = min(_timed(lambda a=a, b=b: a @ b) for _ in range(3 if n < size else 10))  # min: least disturbed
         if n >= size or best > 0.05:
             return round(2 * n**3 / best / 1e9, 1)
         n *= 2

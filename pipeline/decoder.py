@@ -4,8 +4,8 @@ Only the attention wiring is ours. Every weight is the Hugging Face module's own
 embedding with the checkpoint's rope scaling, o/down projections and lm_head through their modules), so
 a W8A16Linear swapped in for an nn.Linear runs here unchanged, and numerics follow transformers step
 for step. The liberties: q/k/v and gate/up are each read as one matmul when they are plain
-nn.Linear (pipeline/fused_linear.py); bf16 linears on the CPU are packed for oneDNN
-(pipeline/packed_linear.py, bit-identical); on the CPU decode attention, RMSNorm and rope are our
+nn.Linear (pipeline/fused_linear.py); bf16 and fp32 linears on the CPU are packed for oneDNN
+(pipeline/packed_linear.py: bf16 bit-identical, fp32 to rounding); on the CPU decode attention, RMSNorm and rope are our
 kernels (pipeline/cpu_kernels.py, pipeline/layer_ops.py).
 """
 

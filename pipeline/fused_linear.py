@@ -5,8 +5,9 @@ and weight reads, so one [hidden, q+k+v] product beats three: on the dev CPU, bf
 q/k/v took 220 us as three calls and 155 us as one; gate/up 266 us and 230 us.
 
 The fused weight is not a second copy: the modules' own weights become views of it, so the
-transformers path (engine "hf") keeps working on the same tensors and memory does not grow. bf16
-on the CPU, the fused weight is packed for oneDNN instead (pipeline/packed_linear.py).
+transformers path (engine "hf") keeps working on the same tensors and memory does not grow. On the
+CPU, where oneDNN packs the dtype (bf16, fp32), the fused weight is packed for it instead
+(pipeline/packed_linear.py).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def fuse(owner: nn.Module, names: Sequence[str]) -> Projections:
 
 
 def pack_single(owner: nn.Module, name: str) -> None:
-    """Pack owner.<name> for oneDNN when it can be (bf16 nn.Linear on the CPU); it stays a module."""
+    """Pack owner.<name> for oneDNN when it can be (bf16/fp32 nn.Linear on the CPU); it stays a module."""
     if packed_linear.packed_group(owner, [name]) is None and packed_linear.packable([getattr(owner, name)]):
         packed_linear.pack(owner, [name])
 

@@ -1,11 +1,15 @@
-"""bf16 linears on the CPU with their weights packed once for oneDNN.
+"""Linears on the CPU with their weights packed once for oneDNN (bf16 and fp32).
 
 `F.linear` in bf16 on the CPU hands oneDNN a plain [out, in] weight, which it re-lays out into its
 blocked format on every call. At decode shapes that re-layout is most of the call, and it reads the
-weight from memory cold: in a decode step of the bench model (16 rows) gate/up + down took ~700 us
-with F.linear and ~300 us packed. Packing once at load is what inductor's CPU freezing pass does
-(`mkldnn._reorder_linear_weight` + `mkldnn._linear_pointwise`); the results are bit-identical to
-F.linear's.
+weight from memory cold. Packing once at load is what inductor's CPU freezing pass does
+(`mkldnn._reorder_linear_weight` + `mkldnn._linear_pointwise`); in bf16 the results are
+bit-identical to F.linear's.
+
+fp32 `F.linear` goes to MKL's sgemm, which packs its operand on every call too (and on AMD CPUs
+takes a slow generic path). A oneDNN-packed fp32 weight computes the same products in oneDNN's
+summation order: the outputs differ from F.linear's only by fp32 rounding, as any other blocking
+would, and greedy captions still equal transformers' (tests/test_parity.py).
 
 The packed tensor replaces the module's weight, it is not a second copy: the nn.Linear is swapped
 for a PackedLinear in its parent, so the model's own forward (the hf engine) runs on it too.
@@ -14,6 +18,7 @@ for a PackedLinear in its parent, so the model's own forward (the hf engine) run
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,7 @@ from torch import nn
 # oneDNN picks its blocking for this many input rows; results do not depend on it, and a 16-row
 # hint ran 1..1000 rows as fast as an exact one on the dev CPU.
 ROWS_HINT = 16
+PACK_ENV = "LLAVA_BATCH_PACK_LINEARS"  # 0: keep every linear plain (to compare, or to rule packing out)
 
 
 class PackedLinear(nn.Module):
@@ -57,10 +63,20 @@ class PackedPart(nn.Module):
 
 
 def packable(linears: list[nn.Module]) -> bool:
-    """Plain bf16 nn.Linear modules on the CPU, with oneDNN present and packing it as expected."""
+    """Plain bf16 or fp32 nn.Linear modules on the CPU, with oneDNN present and packing that dtype."""
+    dtype = linears[0].weight.dtype
     return all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
-               and m.weight.device.type == "cpu" and m.weight.dtype == torch.bfloat16 for m in linears) \
-        and onednn_packs_bf16()
+               and m.weight.device.type == "cpu" and m.weight.dtype == dtype for m in linears) \
+        and onednn_packs(dtype)
+
+
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether linears of `dtype` are packed on this machine ($LLAVA_BATCH_PACK_LINEARS=0: never)."""
+    if os.environ.get(PACK_ENV, "1") == "0":
+        return False
+    if dtype == torch.bfloat16:
+        return onednn_packs_bf16()
+    return dtype == torch.float32 and onednn_packs_fp32()
 
 
 def pack(owner: nn.Module, names: list[str]) -> PackedLinear:
@@ -92,12 +108,27 @@ def onednn_packs_bf16() -> bool:
     """Whether this torch and CPU pack bf16 weights for oneDNN, bit-identical to F.linear. oneDNN's
     bf16 kernels need AVX-512 (BF16 or AMX to be fast); where it has none, torch runs bf16 linears
     its own way and packing would buy nothing, so the linears stay plain."""
+    got, expected = _try_packed(torch.bfloat16)
+    return got is not None and torch.equal(got, expected)
+
+
+@functools.cache
+def onednn_packs_fp32() -> bool:
+    """Whether this torch packs fp32 weights for oneDNN, agreeing with F.linear to fp32 rounding."""
+    got, expected = _try_packed(torch.float32)
+    return got is not None and torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _try_packed(dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(a small packed product, F.linear's); None first where this torch or CPU cannot pack."""
+    generator = torch.Generator().manual_seed(0)
+    w, x = (torch.randn(shape, generator=generator).to(dtype) for shape in ((48, 32), (5, 32)))
+    expected = F.linear(x, w)
     try:
         if not torch.backends.mkldnn.is_available():
-            return False
-        w, x = torch.randn(48, 32).bfloat16(), torch.randn(5, 32).bfloat16()
-        m = nn.Linear(32, 48, bias=False).bfloat16()
+            return None, expected
+        m = nn.Linear(32, 48, bias=False).to(dtype)
         m.weight.data.copy_(w)
-        return torch.equal(PackedLinear([m])(x), F.linear(x, w))
-    except (RuntimeError, AttributeError):  # a torch without these oneDNN ops
-        return False
+        return PackedLinear([m])(x), expected
+    except (RuntimeError, AttributeError):  # a torch without these oneDNN ops, or not for this dtype
+        return None, expected

@@ -37,6 +37,21 @@ def loaded(tiny_model):
     return get
 
 
+@pytest.fixture(scope="module")
+def plain_model(tiny_model):
+    """The oracle's own copy of a model: the fast engine packs the linears of the one it runs on
+    (pipeline/packed_linear.py), and transformers must be judged unpacked, as a user runs it."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = models.load_model(models.inspect_model(ModelConfig(path=str(tiny_model(family)))),
+                                              CPU, torch.float32)
+        return cache[family]
+
+    return get
+
+
 def make_requests(info, processor, tmp_path, n_images: int = 8, n_videos: int = 0) -> list[Request]:
     reqs = []
     for i in range(n_images):
@@ -66,14 +81,15 @@ def oracle(model, processor, req: Request, max_new: int = MAX_NEW) -> tuple[str,
     ("llava_next", 2, None), ("llava_next", 4, 3), ("llava_next", 16, None),
     ("llava_next_video", 3, None), ("llava_next_video", 16, None),
 ])
-def test_token_exact_against_generate(family, slots, refill_at, loaded, tmp_path):
+def test_token_exact_against_generate(family, slots, refill_at, loaded, plain_model, tmp_path):
     info, processor, model = loaded(family)
     reqs = make_requests(info, processor, tmp_path, n_videos=2 if family == "llava_next_video" else 0)
     gen = GenerationConfig(max_batch_size=slots, max_output_length=MAX_NEW)
     engine = FastEngine(model, processor, gen, CPU, refill_at=refill_at)  # 3 of 4: refill in groups
     results = engine.generate(reqs)
+    assert not any(isinstance(m, packed_linear.PackedLinear) for m in plain_model(family).modules())
     for req, res in zip(reqs, results, strict=True):
-        caption, n_out = oracle(model, processor, req)
+        caption, n_out = oracle(plain_model(family), processor, req)
         assert res.error is None
         assert (res.caption, res.n_output_tokens) == (caption, n_out), f"row {req.row_index} ({req.kind})"
     lengths = {r.n_output_tokens for r in results}
@@ -227,7 +243,7 @@ def test_bf16_runs_packed_with_a_bf16_cache_and_agrees_mostly(tiny_model, tmp_pa
     gen = GenerationConfig(max_batch_size=3, max_output_length=MAX_NEW)
     engine = FastEngine(model, processor, gen, CPU)
     assert engine.cache.data.dtype == torch.bfloat16
-    assert isinstance(model.lm_head, packed_linear.PackedLinear) == packed_linear.onednn_packs_bf16()
+    assert isinstance(model.lm_head, packed_linear.PackedLinear) == packed_linear.onednn_packs(torch.bfloat16)
     fast = engine.generate(reqs)
     hf = [HFEngine(model, processor, gen, CPU).generate([r])[0] for r in reqs]
     assert all(r.error is None for r in fast)

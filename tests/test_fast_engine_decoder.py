@@ -62,11 +62,11 @@ def reference_logits(model, embeds: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def test_prefill_and_decode_match_transformers(name, kernels):
     model = build(CONFIGS[name])
-    lm = decoder.language_model(model)
-    cache = KVCache.allocate(len(lm.layers), 3, lm.kv_heads, 40, lm.head_dim, torch.float32, torch.device("cpu"))
     lengths, steps = [11, 4], 9
     full = [torch.randn(n + steps, TEXT["hidden_size"]) for n in lengths]
-    expected = [reference_logits(model, x) for x in full]
+    expected = [reference_logits(model, x) for x in full]  # before the decoder packs the linears
+    lm = decoder.language_model(model)
+    cache = KVCache.allocate(len(lm.layers), 3, lm.kv_heads, 40, lm.head_dim, torch.float32, torch.device("cpu"))
     # Prefill both rows (right padded) into slots 2 and 0; slot 1 stays idle.
     prompts = torch.nn.utils.rnn.pad_sequence([x[:n] for x, n in zip(full, lengths, strict=True)], batch_first=True)
     logits = decoder.prefill(lm, cache, prompts, torch.tensor(lengths), torch.tensor([2, 0]))

@@ -28,8 +28,14 @@ def holder(mods: list[nn.Module]) -> nn.Module:
     return owner
 
 
+@pytest.fixture
+def plain(monkeypatch):
+    """Fusion without packing: what runs where oneDNN packs nothing."""
+    monkeypatch.setenv(packed_linear.PACK_ENV, "0")
+
+
 @torch.inference_mode()
-def test_fused_matches_separate_and_shares_storage():
+def test_fused_matches_separate_and_shares_storage(plain):
     for bias in (False, True):
         mods = linears(bias)
         x = torch.randn(5, 7, 32)
@@ -47,7 +53,7 @@ def test_fused_matches_separate_and_shares_storage():
 
 
 @torch.inference_mode()
-def test_second_fusion_reuses_the_fused_weight():
+def test_second_fusion_reuses_the_fused_weight(plain):
     mods = linears()
     owner = holder(mods)
     fuse(owner, NAMES)
@@ -103,6 +109,26 @@ def test_bf16_on_cpu_is_packed_where_onednn_packs_else_fused_and_always_bit_iden
         assert torch.equal(single.q(x), expected)
 
 
-def test_fp32_and_quantized_are_not_packed():
-    assert not packed_linear.packable(linears())
+@pytest.mark.parametrize("onednn", ["as this machine has it", "absent"])
+@torch.inference_mode()
+def test_fp32_is_packed_where_onednn_packs_it_and_agrees_to_rounding(onednn, monkeypatch):
+    if onednn == "absent":
+        monkeypatch.setattr(packed_linear, "onednn_packs_fp32", lambda: False)
+    packs = packed_linear.onednn_packs_fp32()
+    for bias in (False, True):
+        mods = linears(bias)
+        x = torch.randn(16, 1, 32)
+        expected = [m(x) for m in mods]
+        owner = holder(mods)
+        for g, e in zip(fuse(owner, NAMES)(x), expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        assert all(isinstance(getattr(owner, n), packed_linear.PackedPart) == packs for n in NAMES)
+
+
+def test_packing_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv(packed_linear.PACK_ENV, "0")
+    assert not packed_linear.packable([nn.Linear(4, 4)]) and not packed_linear.packable([nn.Linear(4, 4).bfloat16()])
+
+
+def test_quantized_are_not_packed():
     assert not packed_linear.packable([W8A16Linear.from_linear(linears()[0], torch.bfloat16)])
