@@ -128,6 +128,26 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def compute_dtype(dtype: torch.dtype, device: torch.device, weight_bytes: int) -> torch.dtype:
+    """The dtype the model runs in: the job's, except bf16 on a CPU with no bf16 arithmetic (no
+    AVX-512 BF16 / AMX on x86, no BF16 extension on aarch64). There torch emulates every bf16
+    matmul far slower than it runs fp32, so the model runs in fp32 when its fp32 weights
+    (twice `weight_bytes`, the bf16 ones) fit in what the host has free with room to spare."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or cpu_has_bf16():
+        return dtype
+    free = free_memory_bytes(device)
+    return torch.float32 if free is not None and 2 * weight_bytes < 0.6 * free else dtype
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (what oneDNN's bf16 kernels need)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True

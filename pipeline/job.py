@@ -82,7 +82,7 @@ def open_context(cfg: JobConfig, manifest: Manifest, out: OutputDir, info: model
                  device_spec: str) -> JobContext:
     """Load the model once on `device_spec`: in this process, a worker process or a Ray actor."""
     device = devices.resolve_device(device_spec)
-    dtype = devices.resolve_dtype(cfg.model.dtype, device)
+    dtype = models.compute_dtype(info, devices.resolve_dtype(cfg.model.dtype, device), device)
     if cfg.generation.engine == "fast":
         check_cache_fits(models.text_config(info), cfg.generation, device, dtype)
     processor = models.load_processor(info, cfg.model.trust_remote_code)

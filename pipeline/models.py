@@ -5,7 +5,9 @@ Everything is local: `local_files_only`, safetensors only, no remote code unless
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from transformers import (
     LlavaNextVideoForConditionalGeneration,
 )
 
+from pipeline import devices
 from pipeline.config import ConfigError, ModelConfig
 
 MODEL_CLASSES = {
@@ -120,6 +123,20 @@ def load_model(info: ModelInfo, device: torch.device, dtype: torch.dtype, trust_
             local_files_only=True, trust_remote_code=trust_remote_code,
         )
     return model.eval()
+
+
+def compute_dtype(info: ModelInfo, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """devices.compute_dtype for this model's float weights, said once on stderr when it differs."""
+    weight_bytes = 0 if info.quantized else sum(f.stat().st_size for f in info.path.glob("*.safetensors"))
+    chosen = dtype if info.quantized else devices.compute_dtype(dtype, device, weight_bytes)
+    if chosen != dtype:
+        _say_once(f"this CPU has no bf16 arithmetic (torch emulates it): {info.name} runs in float32")
+    return chosen
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    print(f"llava-batch: {message}", file=sys.stderr)
 
 
 def describe(info: ModelInfo) -> str:
