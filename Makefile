@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: run test lint bench clean-demo
+.PHONY: run test compat lint bench clean-demo
 
 # constraints.txt: the exact versions tested (pyproject.toml holds the ranges users install from).
 $(VENV)/.base: pyproject.toml constraints.txt
@@ -22,6 +22,22 @@ run: $(VENV)/.base
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q
+
+# The fast part of the suite on the lowest supported Python + torch + transformers (constraints-lowest.txt).
+PYTHON_LOWEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python /usr/bin/python3.10 /usr/local/bin/python3.10))
+LOWEST ?= .venv-lowest
+COMPAT_TESTS := tests/test_parity.py tests/test_engine_hf.py tests/test_fast_engine.py tests/test_fast_engine_decoder.py \
+	tests/test_fused_linear.py tests/test_devices.py tests/test_cpu_kernels.py tests/test_cpu_kernels_aarch64.py \
+	tests/test_job_errors.py tests/test_inputs.py tests/test_resume.py tests/test_media.py
+
+$(LOWEST)/.installed: pyproject.toml constraints-lowest.txt
+	@test -n "$(PYTHON_LOWEST)" || { echo "make compat: no Python 3.10 found; set PYTHON_LOWEST=/path/to/python3.10" >&2; exit 2; }
+	test -x $(LOWEST)/bin/python || $(PYTHON_LOWEST) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-lowest.txt -e '.[test]'
+	touch $@
+
+compat: $(LOWEST)/.installed
+	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check pipeline quant tests benchmarks

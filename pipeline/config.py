@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as the `tomli` backport
+    import tomli as tomllib
 
 
 class ConfigError(ValueError):

@@ -40,7 +40,8 @@ def _features(model: nn.Module, kind: str, rows: list[Encoded], dtype: torch.dty
     """Media features of every row in one vision-tower call; one [tokens, hidden] tensor per row."""
     pixels = torch.cat([r.pixels for r in rows]).to(device, dtype)
     if kind == "video":
-        out = model.model.get_video_features(pixel_values_videos=pixels, return_dict=True).pooler_output
+        # Positional: the argument is `pixel_values` before transformers 5.18, `pixel_values_videos` since.
+        out = model.model.get_video_features(pixels, return_dict=True).pooler_output
     else:
         kw = {}
         if rows[0].image_sizes is not None:
