@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from pipeline.config import ConfigError
 SOURCE = Path(__file__).with_suffix(".cpp")
 MAX_HEAD_DIM = 512
 ENV = "LLAVA_BATCH_CPU_KERNELS"  # native (default) | avx2 | scalar | off
+STALE_LOCK_S = 300.0  # a build takes well under a minute; a lock this old belongs to a dead process
 
 # Builds of the one source. "native" takes the widest vector path the compiler may use on this CPU
 # (AVX-512, else AVX2, else plain C++ that gcc vectorises as it can, which is what aarch64 runs).
@@ -95,8 +97,12 @@ def build(variant: str):
         from torch.utils import cpp_extension
 
         _put_ninja_on_path()
-        cpp_extension.load(name=f"llava_batch_cpu_kernels_{variant}_{_cpu_id()}", sources=[str(SOURCE)],
-                           is_python_module=False, extra_cflags=cflags(variant), verbose=False)
+        name = f"llava_batch_cpu_kernels_{variant}_{_cpu_id()}"
+        build_dir = getattr(cpp_extension, "_get_build_directory", None)  # private: absent, nothing to clear
+        if build_dir is not None:
+            _wait_for_build_lock(Path(build_dir(name, False)) / "lock")
+        cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False,
+                           extra_cflags=cflags(variant), verbose=False)
         ops = getattr(torch.ops, namespace(variant))
         ops.rope  # noqa: B018 - raises when the library did not register
         return ops
@@ -104,6 +110,22 @@ def build(variant: str):
         print(f"llava-batch: CPU kernels ({variant}) unavailable ({type(e).__name__}: {e}); using SDPA",
               file=sys.stderr)
         return None
+
+
+def _wait_for_build_lock(lock: Path, stale_s: float = STALE_LOCK_S, poll_s: float = 1.0) -> None:
+    """cpp_extension waits, without end, while another process's build lock exists. A process killed
+    mid-build (kill -9, a node dying) leaves its lock behind, and every later run would hang on it:
+    wait for a live build, but remove a lock that no build has touched for `stale_s`."""
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > stale_s:
+            print(f"llava-batch: removing a stale kernel build lock ({lock}, {age:.0f} s old)", file=sys.stderr)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll_s)
 
 
 def available() -> bool:

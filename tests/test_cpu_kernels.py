@@ -132,6 +132,25 @@ def test_each_build_takes_the_vector_path_it_is_named_for(variant):
     assert cpu_kernels.vector_path(variant) == cpu_kernels.expected_path(variant)
 
 
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next(tmp_path):
+    lock = tmp_path / "lock"
+    lock.touch()
+    os.utime(lock, (0, 0))  # nobody has touched it for decades
+    cpu_kernels._wait_for_build_lock(lock, stale_s=60)
+    assert not lock.exists()
+    cpu_kernels._wait_for_build_lock(lock, stale_s=60)  # no lock: nothing to wait for
+
+
+def test_a_live_build_lock_is_waited_for(tmp_path):
+    import threading
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    threading.Timer(0.3, lock.unlink).start()  # the other build finishes
+    cpu_kernels._wait_for_build_lock(lock, stale_s=60, poll_s=0.05)
+    assert not lock.exists()
+
+
 def test_the_ninja_wheel_is_found_without_an_activated_venv(monkeypatch):
     import ninja
 
