@@ -20,6 +20,8 @@ SDPA and the transformers modules: slower, same results.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -27,7 +29,6 @@ import os
 import platform
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,7 +38,6 @@ from pipeline.config import ConfigError
 SOURCE = Path(__file__).with_suffix(".cpp")
 MAX_HEAD_DIM = 512
 ENV = "LLAVA_BATCH_CPU_KERNELS"  # native (default) | avx2 | scalar | off
-STALE_LOCK_S = 300.0  # a build takes well under a minute; a lock this old belongs to a dead process
 
 # Builds of the one source. "native" takes the widest vector path the compiler may use on this CPU
 # (AVX-512, else AVX2, else plain C++ that gcc vectorises as it can, which is what aarch64 runs).
@@ -98,11 +98,9 @@ def build(variant: str):
 
         _put_ninja_on_path()
         name = f"llava_batch_cpu_kernels_{variant}_{_cpu_id()}"
-        build_dir = getattr(cpp_extension, "_get_build_directory", None)  # private: absent, nothing to clear
-        if build_dir is not None:
-            _wait_for_build_lock(Path(build_dir(name, False)) / "lock")
-        cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False,
-                           extra_cflags=cflags(variant), verbose=False)
+        with _build_lock(name, cpp_extension):
+            cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False,
+                               extra_cflags=cflags(variant), verbose=False)
         ops = getattr(torch.ops, namespace(variant))
         ops.rope  # noqa: B018 - raises when the library did not register
         return ops
@@ -112,20 +110,26 @@ def build(variant: str):
         return None
 
 
-def _wait_for_build_lock(lock: Path, stale_s: float = STALE_LOCK_S, poll_s: float = 1.0) -> None:
-    """cpp_extension waits, without end, while another process's build lock exists. A process killed
-    mid-build (kill -9, a node dying) leaves its lock behind, and every later run would hang on it:
-    wait for a live build, but remove a lock that no build has touched for `stale_s`."""
-    while True:
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if age > stale_s:
-            print(f"llava-batch: removing a stale kernel build lock ({lock}, {age:.0f} s old)", file=sys.stderr)
-            lock.unlink(missing_ok=True)
-            return
-        time.sleep(poll_s)
+@contextlib.contextmanager
+def _build_lock(name: str, cpp_extension):
+    """Builds of one name, one process at a time, under a lock the kernel drops when its holder dies.
+
+    cpp_extension's own lock is a file that waits, without end, while it exists: a process killed
+    mid-build (kill -9, a node dying) leaves it behind, and every later run would hang on it. Holding
+    ours, no live process of ours is building this name, so a torch lock found then is a dead one's."""
+    directory = getattr(cpp_extension, "_get_build_directory", None)  # private: absent, nothing to do
+    if directory is None:
+        yield
+        return
+    build_dir = Path(directory(name, False))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "llava-batch.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            print(f"llava-batch: removing a dead build's lock ({stale})", file=sys.stderr)
+            stale.unlink(missing_ok=True)
+        yield
 
 
 def available() -> bool:
