@@ -153,7 +153,9 @@ def vector_path(variant: str | None = None) -> str:
 
 
 def _ops(variant: str | None):
-    ops = build(variant or selected() or "native")
+    """The ops of `variant`, else of the engine's build; an error where there is none (or `off`)."""
+    variant = variant or selected()
+    ops = build(variant) if variant is not None else None
     if ops is None:
         raise RuntimeError("llava-batch CPU kernels are not available")
     return ops

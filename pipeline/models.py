@@ -127,8 +127,10 @@ def load_model(info: ModelInfo, device: torch.device, dtype: torch.dtype, trust_
 
 def compute_dtype(info: ModelInfo, dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """devices.compute_dtype for this model's float weights, said once on stderr when it differs."""
-    weight_bytes = 0 if info.quantized else sum(f.stat().st_size for f in info.path.glob("*.safetensors"))
-    chosen = dtype if info.quantized else devices.compute_dtype(dtype, device, weight_bytes)
+    if info.quantized:  # W8A16 dirs keep the dtype their int8 kernels take
+        return dtype
+    weight_bytes = sum(f.stat().st_size for f in info.path.glob("*.safetensors"))
+    chosen = devices.compute_dtype(dtype, device, weight_bytes)
     if chosen != dtype:
         _say_once(f"this CPU has no bf16 arithmetic (torch emulates it): {info.name} runs in float32")
     return chosen
