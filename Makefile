@@ -17,7 +17,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 run: $(VENV)/.base
-	$(PY) -m pipeline.demo demo
+	$(PY) -m pipeline.testing.demo demo
 	$(VENV)/bin/llava-batch run jobs/demo.toml
 
 test: $(VENV)/.test
@@ -26,9 +26,9 @@ test: $(VENV)/.test
 # The fast part of the suite on the lowest supported Python + torch + transformers (constraints-lowest.txt).
 PYTHON_LOWEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python /usr/bin/python3.10 /usr/local/bin/python3.10))
 LOWEST ?= .venv-lowest
-COMPAT_TESTS := tests/test_parity.py tests/test_engine_hf.py tests/test_fast_engine.py tests/test_fast_engine_decoder.py \
-	tests/test_fused_linear.py tests/test_devices.py tests/test_cpu_kernels.py tests/test_cpu_kernels_aarch64.py \
-	tests/test_job_errors.py tests/test_inputs.py tests/test_resume.py tests/test_media.py
+COMPAT_TESTS := tests/engine tests/model/test_fast_engine_decoder.py \
+	tests/model/test_fused_linear.py tests/test_devices.py tests/kernels \
+	tests/e2e/test_job_errors.py tests/data tests/e2e/test_resume.py
 
 $(LOWEST)/.installed: pyproject.toml constraints-lowest.txt
 	@test -n "$(PYTHON_LOWEST)" || { echo "make compat: no Python 3.10 found; set PYTHON_LOWEST=/path/to/python3.10" >&2; exit 2; }

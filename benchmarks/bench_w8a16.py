@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import quant  # noqa: E402
-from pipeline.tiny_model import build_tiny_model  # noqa: E402
+from pipeline.testing.tiny_model import build_tiny_model  # noqa: E402
 
 _RSS_CHILD = r"""
 import sys, time

@@ -30,9 +30,9 @@ else:
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.demo import write_image  # noqa: E402
-from pipeline.tiny_model import build_tiny_model  # noqa: E402
-from tests.conftest import job_sections, write_job, write_manifest  # noqa: E402
+from pipeline.testing.demo import write_image  # noqa: E402
+from pipeline.testing.jobs import job_sections, write_job, write_manifest  # noqa: E402
+from pipeline.testing.tiny_model import build_tiny_model  # noqa: E402
 
 ONE, TWO = '["cpu"]', '["cpu", "cpu"]'
 

@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.demo import write_image  # noqa: E402
-from pipeline.tiny_model import build_tiny_model  # noqa: E402
-from tests.conftest import write_manifest  # noqa: E402
+from pipeline.testing.demo import write_image  # noqa: E402
+from pipeline.testing.jobs import write_manifest  # noqa: E402
+from pipeline.testing.tiny_model import build_tiny_model  # noqa: E402
 
 # caption_median: the tiny model's EOS calibration (tiny-model --caption-median). Its default, 12 tokens, suits
 # the tests; W1 stands for an accelerator's decode-bound captioning and asks for longer captions.

@@ -27,7 +27,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from pipeline.output import read_status
+    from pipeline.data.output import read_status
 
     status = read_status(args.out_dir)
     if args.json:
@@ -40,7 +40,7 @@ def _cmd_status(args) -> int:
 
 
 def _cmd_tiny_model(args) -> int:
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.testing.tiny_model import build_tiny_model
 
     path = build_tiny_model(args.out_dir, args.family, preset=args.preset, seed=args.seed,
                             image_size=args.image_size, chat_template=not args.no_chat_template,
@@ -57,13 +57,13 @@ def _cmd_quantize(args) -> int:
 
 
 def _cmd_score(args) -> int:
-    from pipeline.score import cli
+    from pipeline.eval.clip_score import cli
 
     return cli(args)
 
 
 def _cmd_bench(args) -> int:
-    from pipeline.bench import cli
+    from pipeline.bench.perf import cli
 
     return cli(args)
 
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     try:
-        from pipeline.score import add_parser as add_score
+        from pipeline.eval.clip_score import add_parser as add_score
     except ImportError:
         add_score = None
     if add_score:
@@ -134,7 +134,7 @@ def _expected_errors() -> tuple[type, ...]:
     from pipeline.config import ConfigError
 
     errors = [ConfigError]
-    for module, name in (("quant", "QuantError"), ("pipeline.score", "ScoreError")):
+    for module, name in (("quant", "QuantError"), ("pipeline.eval.clip_score", "ScoreError")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):

@@ -57,7 +57,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    # "fast": static KV cache + slot refill (pipeline/fast_engine.py); "hf": transformers generate, the reference.
+    # "fast": static KV cache + slot refill (pipeline/engine/fast.py); "hf": transformers generate, the reference.
     engine: str = "fast"
     # Capture the fast engine's decode step as a graph (CUDA graphs / torchair); off on CPU, where it did not help.
     compile: bool = False

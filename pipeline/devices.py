@@ -188,10 +188,10 @@ def graph_compile(fn, device: torch.device):
 
 def kv_cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The model dtype, as transformers keeps it. On a CPU without our decode-attention kernel
-    (pipeline/cpu_kernels.py) fp32: torch's bf16/fp16 SDPA for one query row runs 3-6x slower than
+    (pipeline/kernels/cpu.py) fp32: torch's bf16/fp16 SDPA for one query row runs 3-6x slower than
     its fp32 one (torch 2.14, AVX-512), which outweighs reading a cache twice the size."""
     if device.type == "cpu":
-        from pipeline import cpu_kernels  # compiles the kernel on first use
+        from pipeline.kernels import cpu as cpu_kernels  # compiles the kernel on first use
 
         return dtype if cpu_kernels.available() else torch.float32
     return dtype

@@ -12,14 +12,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from pipeline import devices, models
+from pipeline import devices
 from pipeline.config import JobConfig, fingerprint_view
+from pipeline.data.manifest import Manifest, open_manifest
+from pipeline.data.output import OutputDir, read_status
+from pipeline.engine.fast import check_cache_fits, make_engine
 from pipeline.executors import make_pool, run_pool
-from pipeline.fast_engine import check_cache_fits, make_engine
-from pipeline.manifest import Manifest, open_manifest
-from pipeline.output import OutputDir, read_status
-from pipeline.runner import JobContext
-from pipeline.shard_queue import node_share
+from pipeline.executors.shard_queue import node_share
+from pipeline.model import loader
+from pipeline.shard import JobContext
 
 
 @dataclass
@@ -40,12 +41,12 @@ class Summary:
                 f"in {self.seconds:.1f}s ({rate:.2f} rows/s); captions in {self.out_dir}/captions{failed}")
 
 
-def job_record(cfg: JobConfig, manifest: Manifest, info: models.ModelInfo) -> dict:
+def job_record(cfg: JobConfig, manifest: Manifest, info: loader.ModelInfo) -> dict:
     config = cfg.to_dict()
     plan = {"shards": len(manifest.plan(cfg.output.rows_per_shard)), "rows_per_shard": cfg.output.rows_per_shard,
             "chunk_rows": cfg.output.chunk_rows}
     record = {"version": 1, "config": config, "manifest": manifest.describe(), "plan": plan,
-              "model": models.describe(info), "model_config_sha": _sha(info.config)}
+              "model": loader.describe(info), "model_config_sha": _sha(info.config)}
     view = {"config": fingerprint_view(config), "manifest": record["manifest"]["fingerprint"],
             "model": record["model_config_sha"]}
     record["fingerprint"] = _sha(view)
@@ -58,7 +59,7 @@ def _sha(obj) -> str:
 
 def run_job(cfg: JobConfig) -> Summary:
     manifest = open_manifest(cfg.input)
-    info = models.inspect_model(cfg.model)
+    info = loader.inspect_model(cfg.model)
     # Local devices are checked here, in the parent, before any worker starts or anything is written.
     workers = devices.worker_devices(cfg.run.devices, cfg.model.device) if cfg.run.executor == "local" else []
     out = OutputDir(cfg.output.dir)
@@ -78,15 +79,15 @@ def run_job(cfg: JobConfig) -> Summary:
     return _summary(cfg, processed, time.perf_counter() - started, failed)
 
 
-def open_context(cfg: JobConfig, manifest: Manifest, out: OutputDir, info: models.ModelInfo, model_name: str,
+def open_context(cfg: JobConfig, manifest: Manifest, out: OutputDir, info: loader.ModelInfo, model_name: str,
                  device_spec: str) -> JobContext:
     """Load the model once on `device_spec`: in this process, a worker process or a Ray actor."""
     device = devices.resolve_device(device_spec)
-    dtype = models.compute_dtype(info, devices.resolve_dtype(cfg.model.dtype, device), device)
+    dtype = loader.compute_dtype(info, devices.resolve_dtype(cfg.model.dtype, device), device)
     if cfg.generation.engine == "fast":
-        check_cache_fits(models.text_config(info), cfg.generation, device, dtype)
-    processor = models.load_processor(info, cfg.model.trust_remote_code)
-    model = models.load_model(info, device, dtype, cfg.model.trust_remote_code)
+        check_cache_fits(loader.text_config(info), cfg.generation, device, dtype)
+    processor = loader.load_processor(info, cfg.model.trust_remote_code)
+    model = loader.load_model(info, device, dtype, cfg.model.trust_remote_code)
     engine = make_engine(model, processor, cfg.generation, device)
     return JobContext(cfg, manifest, out, info, processor, engine, model_name)
 

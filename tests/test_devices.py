@@ -35,7 +35,7 @@ def test_other_dtypes_and_devices_keep_the_jobs_dtype(monkeypatch):
 
 
 def test_the_machine_answer_agrees_with_onednn():
-    from pipeline import packed_linear
+    from pipeline.model import packed_linear
 
     # Where oneDNN packs bf16 bit-identically the CPU has bf16 arithmetic, and the reverse.
     assert devices.cpu_has_bf16() == packed_linear.onednn_packs_bf16()

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from pipeline.tiny_model import EOS_ID, FAMILIES, build_tiny_model
+from pipeline.testing.tiny_model import EOS_ID, FAMILIES, build_tiny_model
 
 MODEL_CLASSES = {
     "llava": ("LlavaForConditionalGeneration", "LlavaProcessor"),

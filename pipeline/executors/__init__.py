@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeline.config import JobConfig
-from pipeline.leases import Leases, new_owner
-from pipeline.manifest import Shard
-from pipeline.output import OutputDir
-from pipeline.shard_queue import ShardQueue
+from pipeline.data.manifest import Shard
+from pipeline.data.output import OutputDir
+from pipeline.executors.leases import Leases, new_owner
+from pipeline.executors.shard_queue import ShardQueue
 
 
 def make_pool(cfg: JobConfig, record: dict, workers: list[str], n_shards: int, load: Callable):

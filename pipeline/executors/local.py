@@ -15,8 +15,8 @@ import queue
 import threading
 from collections.abc import Callable
 
-from pipeline.runner import JobContext
-from pipeline.worker import ShardWorker
+from pipeline.executors.worker import ShardWorker
+from pipeline.shard import JobContext
 
 _STOP = object()
 

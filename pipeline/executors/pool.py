@@ -12,7 +12,7 @@ import sys
 
 from tqdm import tqdm
 
-from pipeline.shard_queue import ShardQueue
+from pipeline.executors.shard_queue import ShardQueue
 
 
 class Progress:

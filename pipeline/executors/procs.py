@@ -33,7 +33,7 @@ class ProcPool:
     def start(self, slot: int) -> None:
         extra, device = devices.worker_env(self.devices[slot], self.cpu_workers)
         env = {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.worker", device, json.dumps(self.owner)],
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.executors.worker", device, json.dumps(self.owner)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
         self.gen[slot] += 1
         self.procs[slot] = proc

@@ -18,7 +18,7 @@ from pipeline.config import ConfigError, RunConfig
 
 class ShardActor:
     def __init__(self, record: dict, device: str, owner: dict):
-        from pipeline.worker import ShardWorker
+        from pipeline.executors.worker import ShardWorker
 
         self.worker = ShardWorker(record, device, owner)
 

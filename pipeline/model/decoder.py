@@ -1,0 +1,265 @@
+"""The Llama-family decoder (Llama / Vicuna, Mistral, Yi) over a static KV cache, as pure functions.
+
+Only the attention wiring is ours. Every weight is the Hugging Face module's own (RMSNorms, the rotary
+embedding with the checkpoint's rope scaling, o/down projections and lm_head through their modules), so
+a W8A16Linear swapped in for an nn.Linear runs here unchanged, and numerics follow transformers step
+for step. The liberties: q/k/v and gate/up are each read as one matmul when they are plain
+nn.Linear (pipeline/model/fused_linear.py); bf16 and fp32 linears on the CPU are packed for oneDNN
+(pipeline/model/packed_linear.py: bf16 bit-identical, fp32 to rounding); on the CPU decode attention, RMSNorm and rope are our
+kernels (pipeline/kernels/cpu.py, pipeline/model/layer_ops.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.kernels import cpu as cpu_kernels
+from pipeline.model import layer_ops
+from pipeline.model.fused_linear import Projections, fuse, pack_single
+from pipeline.model.kv_cache import KVCache
+from pipeline.model.layer_ops import Norm
+
+
+@dataclass(frozen=True)
+class Block:
+    """One decoder layer, with its q/k/v and gate/up projections each callable as one, and its norms."""
+
+    layer: nn.Module
+    qkv: Projections
+    gate_up: Projections
+    input_norm: Norm  # pipeline/model/layer_ops.py
+    post_norm: Norm
+
+
+@dataclass(frozen=True)
+class LanguageModel:
+    """Handles on the modules of a LLaVA model's language model; holds no weights of its own."""
+
+    embed: nn.Module
+    layers: list[Block]
+    norm: Norm
+    rotary: nn.Module
+    lm_head: nn.Module
+    kv_heads: int
+    head_dim: int
+    sliding_window: int | None
+    fused_ops: bool  # pipeline/model/layer_ops.py
+
+
+SUPPORTED_TEXT_MODELS = ("llama", "mistral")
+
+
+def check_supported(model: nn.Module) -> None:
+    """ValueError for text models the fast engine does not run."""
+    text = model.config.text_config
+    if text.model_type not in SUPPORTED_TEXT_MODELS:
+        raise ValueError(f"fast engine runs {'/'.join(SUPPORTED_TEXT_MODELS)} language models, "
+                         f"not {text.model_type!r}")
+
+
+def language_model(model: nn.Module) -> LanguageModel:
+    """The decoder of a Llava*ForConditionalGeneration, its projections fused (see fused_linear)."""
+    check_supported(model)
+    text = model.config.text_config
+    lm = model.model.language_model
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    fused = layer_ops.ours(model)
+    blocks = []
+    for layer in lm.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        pack_single(attn, "o_proj")
+        pack_single(mlp, "down_proj")
+        blocks.append(Block(layer, fuse(attn, ["q_proj", "k_proj", "v_proj"]), fuse(mlp, ["gate_proj", "up_proj"]),
+                            layer_ops.norm(layer.input_layernorm, fused),
+                            layer_ops.norm(layer.post_attention_layernorm, fused)))
+    pack_single(model, "lm_head")
+    return LanguageModel(lm.embed_tokens, blocks, layer_ops.norm(lm.norm, fused), lm.rotary_emb, model.lm_head,
+                         text.num_key_value_heads, head_dim, getattr(text, "sliding_window", None), fused)
+
+
+# attend(layer index, q, k, v, rope) -> [batch, seq, heads * head_dim]: q, k, v [batch, seq, heads,
+# head_dim] as projected; rope = (cos, sin) [batch, seq, head_dim], for attend to apply (see _rotated).
+Rope = tuple[torch.Tensor, torch.Tensor]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, Rope], torch.Tensor]
+
+
+def _layer(index: int, block: Block, x: torch.Tensor, rope: Rope, attend: Attend) -> torch.Tensor:
+    layer = block.layer
+    attn, mlp = layer.self_attn, layer.mlp
+    shape = (*x.shape[:2], -1, attn.head_dim)
+    q, k, v = (t.view(shape) for t in block.qkv(block.input_norm(x)))
+    x = x + attn.o_proj(attend(index, q, k, v, rope))
+    gate, up = block.gate_up(block.post_norm(x))
+    return x + mlp.down_proj(mlp.act_fn(gate) * up)  # LlamaMLP.forward, on the fused gate/up
+
+
+def _run(lm: LanguageModel, x: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+    rope = lm.rotary(x, positions)
+    for i, block in enumerate(lm.layers):
+        x = _layer(i, block, x, rope, attend)
+    return x
+
+
+def _rotated(lm: LanguageModel, q, k, v, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[batch, seq, heads, head_dim] as projected -> [batch, heads, seq, head_dim], rope applied."""
+    q, k = layer_ops.rotate(q, k, *rope, lm.fused_ops)
+    return q, k, v.transpose(1, 2)
+
+
+def _merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]."""
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
+def _sdpa(q, k, v, mask, scale: float, causal: bool = False) -> torch.Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+def prefill_mask(length: int, sliding_window: int | None, device) -> torch.Tensor | None:
+    """None means plain causal (SDPA's fused path); a sliding window needs the explicit mask."""
+    if not sliding_window or sliding_window >= length:
+        return None
+    i = torch.arange(length, device=device)
+    return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - sliding_window)
+
+
+def decode_mask(positions: torch.Tensor, window: int, sliding_window: int | None) -> torch.Tensor:
+    """[slots, 1, 1, window]: each slot sees its own cache positions 0..position (and its window)."""
+    j = torch.arange(window, device=positions.device)[None, :]
+    pos = positions[:, None]
+    mask = j <= pos
+    if sliding_window:
+        mask &= j > pos - sliding_window
+    return mask[:, None, None, :]
+
+
+def prefill(lm: LanguageModel, cache: KVCache, embeds: torch.Tensor, lengths: torch.Tensor,
+            slots: torch.Tensor) -> torch.Tensor:
+    """Run right-padded prompts [n, seq, hidden] into cache `slots` [n]; logits of each last token [n, vocab].
+
+    Right padding is exact under a causal mask: real tokens never see the pads after them, and
+    the pads' cache entries lie beyond each row's length, where decode masks them out.
+    """
+    seq = embeds.shape[1]
+    positions = torch.arange(seq, device=embeds.device)[None, :]
+    mask = prefill_mask(seq, lm.sliding_window, embeds.device)
+
+    def attend(i, q, k, v, rope):
+        q, k, v = _rotated(lm, q, k, v, rope)
+        cache.write_prefill(i, slots, k, v)
+        scale = lm.layers[i].layer.self_attn.scaling
+        return _merge_heads(_sdpa(q, k, v, mask, scale, causal=mask is None))
+
+    x = _run(lm, embeds, positions, attend)
+    last = x[torch.arange(x.shape[0], device=x.device), lengths - 1]
+    return lm.lm_head(lm.norm(last))
+
+
+def decode_step(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                window: int) -> torch.Tensor:
+    """One token for each of the first n slots: tokens, positions [n] -> logits [n, vocab].
+
+    Eager callers pass the live rows only (the engine keeps them in slots [0, n)); captured graphs
+    pass every slot, whatever the number of live rows, so the shape never changes: idle slots then
+    compute garbage that nobody reads.
+    """
+    x = lm.embed(tokens[:, None])
+    x = _run(lm, x, positions[:, None], _step_attention(lm, cache, positions, window))
+    return lm.lm_head(lm.norm(x[:, 0]))
+
+
+def _step_attention(lm: LanguageModel, cache: KVCache, positions: torch.Tensor, window: int) -> Attend:
+    """attend() for a decode step: each slot writes its token at its position, then reads its own
+    positions. On the CPU with our kernel (pipeline/kernels/cpu.py) each slot reads up to its own
+    length; otherwise SDPA reads the first `window` positions of every slot under a mask."""
+    def scale(i: int) -> float:
+        return lm.layers[i].layer.self_attn.scaling
+
+    if cache.kernel:
+        lengths = positions + 1
+        return lambda i, q, k, v, rope: _attend_kernel(cache, i, q, k, v, rope, lengths, lm.sliding_window,
+                                                       scale(i))
+    mask = decode_mask(positions, window, lm.sliding_window)
+    return lambda i, q, k, v, rope: _merge_heads(
+        _attend_step(cache, i, *_rotated(lm, q, k, v, rope), positions, window, mask, scale(i)))
+
+
+@torch.compiler.disable
+def _attend_step(cache: KVCache, layer: int, q, k, v, positions: torch.Tensor, window: int, mask,
+                 scale: float) -> torch.Tensor:
+    """Write one token per slot into the cache, then attend over the window.
+
+    Kept out of captured graphs (generation.compile): traced, the in-place cache write becomes a
+    copy of the whole cache every step (functionalization), 1.6 s a step for a 300 MB cache here.
+    """
+    cache.write_step(layer, positions, k, v)
+    keys, values = cache.view(layer, window, positions.shape[0])
+    # The cache may be wider than the model (fp32 on CPU, see devices.kv_cache_dtype).
+    return _sdpa(q.to(keys.dtype), keys, values, mask, scale).to(q.dtype)
+
+
+@torch.compiler.disable
+def _attend_kernel(cache: KVCache, layer: int, q, k, v, rope: Rope, lengths: torch.Tensor,
+                   sliding_window: int | None, scale: float) -> torch.Tensor:
+    """rope, the cache write and attention of a decode step in one call of our CPU kernel."""
+    keys, values = cache.layer(layer)
+    return cpu_kernels.decode_attention(q, k, v, keys, values, lengths, sliding_window, scale, rope)
+
+
+def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                       window: int, prompts: list[torch.Tensor], slots: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_step` for the first n slots and the prefill of `prompts` ([n_i, hidden] each) into
+    free `slots` (any index), in one pass over the weights.
+
+    The prompts' tokens ride in the decode step's matmuls (M = slots + prompt tokens) instead of a
+    pass of their own, so a freed slot can be refilled at once instead of waiting for company.
+    Tokens are packed as [tokens, 1, hidden]: only attention tells decode rows from prompt rows.
+    Returns (decode logits [n, vocab], last-token logits of each prompt [len(prompts), vocab]).
+    """
+    n = tokens.shape[0]
+    lengths = [p.shape[0] for p in prompts]
+    starts = [n + sum(lengths[:r]) for r in range(len(prompts))]
+    device = tokens.device
+    x = torch.cat([lm.embed(tokens), *prompts])[:, None]
+    pos = torch.cat([positions, *(torch.arange(m, device=device) for m in lengths)])
+    step_attend = _step_attention(lm, cache, positions, window)
+    prompt_masks = {m: prefill_mask(m, lm.sliding_window, device) for m in set(lengths)}
+
+    runs = _equal_runs(lengths)
+
+    def attend(i, q, k, v, rope):  # q, k, v [tokens, 1, heads, head_dim]
+        scale = lm.layers[i].layer.self_attn.scaling
+        # Idle slots write garbage at position 0 here; the prompt written next overwrites its slot's.
+        out = [step_attend(i, q[:n], k[:n], v[:n], (rope[0][:n], rope[1][:n]))]
+        q, k, v = _rotated(lm, q[n:], k[n:], v[n:], (rope[0][n:], rope[1][n:]))  # [tokens - n, heads, 1, head_dim]
+        for first, count, m in runs:  # prompts of one length in one call: [count, heads, m, head_dim]
+            start = starts[first] - n
+            qr, kr, vr = (t[start:start + count * m].reshape(count, m, t.shape[1], -1).transpose(1, 2) for t in (q, k, v))
+            cache.write_prefill(i, slots[first:first + count], kr, vr)
+            mask = prompt_masks[m]
+            att = _sdpa(qr, kr, vr, mask, scale, causal=mask is None)
+            out.append(att.transpose(1, 2).reshape(count * m, 1, -1))
+        return torch.cat(out)
+
+    x = _run(lm, x, pos[:, None], attend)[:, 0]
+    last = torch.tensor([s + m - 1 for s, m in zip(starts, lengths, strict=True)], device=device)
+    logits = lm.lm_head(lm.norm(torch.cat([x[:n], x[last]])))
+    return logits[:n], logits[n:]
+
+
+def _equal_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """(first index, count, length) of each run of consecutive equal lengths."""
+    runs, first = [], 0
+    for m, group in itertools.groupby(lengths):
+        count = len(list(group))
+        runs.append((first, count, m))
+        first += count
+    return runs

@@ -1,0 +1,278 @@
+"""process_shard(): read -> decode -> batch -> generate -> write -> commit, for one shard.
+
+Decoding runs in a thread pool a bounded window ahead of generation, across chunk boundaries,
+so the device does not wait on Pillow/PyAV. With a batch engine (hf), batches never span chunks:
+a chunk's captions then depend only on its own rows. A streaming engine (fast) takes rows one at a
+time across chunk boundaries, every row decoded on its own, and a chunk commits once all its rows
+have results; either way chunks stay the plan's fixed row ranges, which exactly-once relies on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from pipeline.config import JobConfig
+from pipeline.data.manifest import Chunk, Manifest, Shard
+from pipeline.data.media import MediaError, decode_media
+from pipeline.data.output import RESULT_FIELDS, OutputDir, passthrough_name, shard_stats
+from pipeline.data.sources import MediaSource, SourceError
+from pipeline.engine.base import Request, Result
+from pipeline.model.loader import ModelInfo, build_prompt
+
+
+@dataclass
+class JobContext:
+    cfg: JobConfig
+    manifest: Manifest
+    out: OutputDir
+    info: ModelInfo
+    processor: object
+    engine: object  # anything with generate(list[Request]) -> list[Result]
+    model_name: str
+    source: MediaSource = field(init=False)
+
+    def __post_init__(self):
+        self.source = MediaSource(self.cfg.input)
+        self._prompts: dict[tuple[str, str], str] = {}
+
+    def prompt_for(self, text: str, kind: str) -> str:
+        key = (text, kind)
+        if key not in self._prompts:
+            self._prompts[key] = build_prompt(self.processor, self.info, text, kind)
+        return self._prompts[key]
+
+
+@dataclass
+class Item:
+    """One manifest row on its way through the pipeline."""
+
+    chunk: Chunk
+    pos: int  # position within the chunk
+    row: dict
+    media: object = None
+    error: str | None = None
+
+
+def _chunk_tables(ctx: JobContext, chunks: list[Chunk]) -> Iterator[tuple[Chunk, pa.Table]]:
+    for chunk in chunks:
+        batches = [b for _, b in ctx.manifest.iter_rows(chunk.start, chunk.stop)]
+        yield chunk, pa.Table.from_batches(batches, schema=ctx.manifest.schema)
+
+
+def _items(tables: Iterable[tuple[Chunk, pa.Table]], on_table: Callable) -> Iterator[Item]:
+    for chunk, table in tables:
+        on_table(chunk, table)
+        for pos, row in enumerate(table.to_pylist()):
+            yield Item(chunk, pos, row)
+
+
+def _decode(ctx: JobContext, item: Item) -> Item:
+    cfg = ctx.cfg
+    hint = item.row.get(cfg.input.kind_column) if cfg.input.kind_column else None
+    try:
+        with ctx.source.open(item.row) as f:
+            item.media = decode_media(f, video_frames=cfg.generation.video_frames,
+                                      max_image_pixels=cfg.input.max_image_pixels, kind_hint=hint)
+    except (SourceError, MediaError) as e:
+        item.error = str(e)
+    except Exception as e:  # noqa: BLE001 - one odd file must not stop the job
+        item.error = f"decode error: {type(e).__name__}: {e}"
+    item.row = {}  # the chunk table keeps the input columns; drop the bytes early
+    return item
+
+
+def _prefetch(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
+    """pool.map with at most `window` items in flight, so memory stays bounded."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class _ChunkWriter:
+    """Collects one chunk's results in row order and commits it when every row has one."""
+
+    def __init__(self, ctx: JobContext, on_commit: Callable[[Chunk, list[Result]], None]):
+        self.ctx, self.on_commit = ctx, on_commit
+        self.tables: dict[int, pa.Table] = {}
+        self.results: dict[int, list] = {}
+        self.frames: dict[int, list] = {}
+        self.prompts: dict[int, list] = {}
+        self.started: dict[int, float] = {}
+
+    def open(self, chunk: Chunk, table: pa.Table) -> None:
+        n = chunk.stop - chunk.start
+        self.tables[chunk.index] = table
+        self.results[chunk.index] = [None] * n
+        self.frames[chunk.index] = [None] * n
+        self.prompts[chunk.index] = [None] * n
+        self.started[chunk.index] = time.perf_counter()
+
+    def put(self, item: Item, result: Result, prompt: str | None) -> None:
+        k = item.chunk.index
+        self.results[k][item.pos] = result
+        self.prompts[k][item.pos] = prompt
+        if item.media is not None and item.media.kind == "video":
+            self.frames[k][item.pos] = int(item.media.frames.shape[0])
+
+    def complete(self, chunk: Chunk) -> bool:
+        return all(r is not None for r in self.results[chunk.index])
+
+    def commit(self, chunk: Chunk) -> None:
+        k = chunk.index
+        results = self.results.pop(k)
+        table = _output_table(self.ctx, chunk, self.tables.pop(k), results, self.frames.pop(k), self.prompts.pop(k))
+        meta = {"shard": chunk.shard, "chunk": k, "start": chunk.start, "stop": chunk.stop,
+                "seconds": time.perf_counter() - self.started.pop(k),
+                # provenance: which process on which host wrote the chunk (ops, and the kill tests)
+                "host": socket.gethostname(), "pid": os.getpid()}
+        self.ctx.out.commit_chunk(chunk.shard, k, table, meta)
+        self.on_commit(chunk, results)
+
+
+def _output_table(ctx, chunk, table, results, frames, prompts) -> pa.Table:
+    bytes_col = ctx.cfg.input.bytes_column
+    if bytes_col:
+        table = table.drop_columns([bytes_col])
+    table = table.rename_columns([passthrough_name(n) for n in table.column_names])
+    values = {
+        "row_index": list(range(chunk.start, chunk.stop)),
+        "caption": [r.caption for r in results],
+        "status": ["error" if r.error else "ok" for r in results],
+        "error": [r.error for r in results],
+        "n_prompt_tokens": [r.n_prompt_tokens for r in results],
+        "n_output_tokens": [r.n_output_tokens for r in results],
+        "finish_reason": [r.finish_reason for r in results],
+        "frames": frames,
+        "prompt": prompts,
+        "model": [ctx.model_name] * len(results),
+    }
+    for f in RESULT_FIELDS:
+        table = table.append_column(f, pa.array(values[f.name], type=f.type))
+    return table
+
+
+def _generate(ctx: JobContext, requests: list[Request]) -> list[Result]:
+    """A batch that raises (other than OOM, which the engine absorbs) is retried row by row."""
+    try:
+        return ctx.engine.generate(requests)
+    except Exception as e:  # noqa: BLE001
+        if len(requests) == 1:
+            return [Result(error=f"generation failed: {type(e).__name__}: {e}")]
+        return [r for req in requests for r in _generate(ctx, [req])]
+
+
+def _request(ctx: JobContext, item: Item, text: str) -> Request | str:
+    media = item.media
+    if media.kind == "video" and not ctx.info.supports_video:
+        return f"unsupported media: video rows need a llava_next_video model, not {ctx.info.family}"
+    prompt = ctx.prompt_for(text, media.kind)
+    return Request(item.chunk.start + item.pos, prompt, media.kind, image=media.image, frames=media.frames)
+
+
+def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, list[Result]], None]) -> dict:
+    """Caption every uncommitted chunk of `shard`, then write its stats marker. Returns the stats."""
+    cfg = ctx.cfg
+    committed = {c for s, c in ctx.out.committed_chunks() if s == shard.index}
+    todo = [c for c in shard.chunks(cfg.output.chunk_rows) if c.index not in committed]
+    writer = _ChunkWriter(ctx, on_commit)
+    prompt_col = cfg.input.prompt_column
+    texts: dict[int, dict[int, str]] = {}
+
+    def remember(chunk: Chunk, table: pa.Table) -> None:
+        writer.open(chunk, table)
+        if prompt_col:
+            texts[chunk.index] = dict(enumerate(table.column(prompt_col).to_pylist()))
+
+    buckets: dict[str, list[tuple[Item, Request]]] = {"image": [], "video": []}
+
+    def flush(kind: str) -> None:
+        batch, buckets[kind] = buckets[kind], []
+        for (item, req), res in zip(batch, _generate(ctx, [r for _, r in batch]), strict=True):
+            writer.put(item, res, req.prompt)
+
+    current = None
+    window = max(2 * cfg.generation.max_batch_size, 2 * cfg.run.decode_workers)
+    engine_before = dict(getattr(ctx.engine, "stats", {}))
+    started = time.perf_counter()
+    with ThreadPoolExecutor(cfg.run.decode_workers, thread_name_prefix="decode") as pool:
+        items = _items(_chunk_tables(ctx, todo), remember)
+        decoded = _prefetch(pool, lambda it: _decode(ctx, it), items, window)
+        if hasattr(ctx.engine, "generate_stream"):
+            _stream(ctx, decoded, texts, writer)
+            decoded = ()
+        for item in decoded:
+            if current is not None and item.chunk != current:
+                _finish_chunk(current, buckets, flush, writer)
+            current = item.chunk
+            text = texts.get(item.chunk.index, {}).get(item.pos) or cfg.generation.prompt
+            req = item.error or _request(ctx, item, text)
+            if isinstance(req, str):
+                writer.put(item, Result(error=req), None)
+                continue
+            buckets[req.kind].append((item, req))
+            if len(buckets[req.kind]) >= cfg.generation.max_batch_size:
+                flush(req.kind)
+        if current is not None:
+            _finish_chunk(current, buckets, flush, writer)
+    stats = shard_stats(ctx.out, shard.index, shard.stop - shard.start)
+    if engine_before:
+        stats["engine"] = _engine_stats(ctx.engine.stats, engine_before, time.perf_counter() - started)
+    ctx.out.commit_shard(shard.index, stats)
+    return stats
+
+
+def _finish_chunk(chunk: Chunk, buckets: dict, flush: Callable, writer: _ChunkWriter) -> None:
+    for kind in buckets:
+        if buckets[kind]:
+            flush(kind)
+    writer.commit(chunk)
+
+
+def _stream(ctx: JobContext, decoded: Iterable[Item], texts: dict, writer: _ChunkWriter) -> None:
+    """Rows flow through a streaming engine one at a time, in any order of completion; a chunk
+    commits once every one of its rows has a result, so chunk boundaries (and exactly-once) hold.
+
+    The engine pulls `requests()` on its own feeder thread, hence the lock around the writer.
+    """
+    lock = threading.Lock()
+    pending: dict[int, Item] = {}
+
+    def done(item: Item, result: Result, prompt: str | None) -> None:
+        with lock:
+            writer.put(item, result, prompt)
+            if writer.complete(item.chunk):
+                writer.commit(item.chunk)
+
+    def requests() -> Iterator[Request]:
+        for item in decoded:
+            text = texts.get(item.chunk.index, {}).get(item.pos) or ctx.cfg.generation.prompt
+            req = item.error or _request(ctx, item, text)
+            if isinstance(req, str):
+                done(item, Result(error=req), None)
+                continue
+            pending[id(req)] = item
+            yield req
+
+    for req, result in ctx.engine.generate_stream(requests()):
+        done(pending.pop(id(req)), result, req.prompt)
+
+
+def _engine_stats(now: dict, before: dict, wall: float) -> dict:
+    """This shard's share of the engine counters; busy_fraction = time computing / wall time."""
+    delta = {k: round(v - before.get(k, 0), 4) for k, v in now.items()}
+    delta["wall_s"] = round(wall, 3)
+    delta["busy_fraction"] = round(delta.get("busy_s", 0.0) / wall, 4) if wall > 0 else 0.0
+    return delta
