@@ -13,7 +13,7 @@ $(VENV)/.base: pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -c constraints.txt -e '.[test,eval,quant,ray]'
+	$(PIP) -c constraints.txt -e '.[test,lint,eval,quant,ray]'
 	touch $@
 
 run: $(VENV)/.base
@@ -39,8 +39,10 @@ $(LOWEST)/.installed: pyproject.toml constraints-lowest.txt
 compat: $(LOWEST)/.installed
 	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
 
+# ruff, and the import contracts in pyproject.toml ([tool.importlinter]): the flow runs one way, no circles.
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check pipeline quant tests benchmarks
+	$(VENV)/bin/lint-imports --no-logo --no-cache
 
 clean-demo:
 	rm -rf demo

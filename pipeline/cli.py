@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expected_errors() -> tuple[type, ...]:
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
 
     errors = [ConfigError]
     for module, name in (("quant", "QuantError"), ("pipeline.eval.clip_score", "ScoreError")):

@@ -15,14 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser, as the `tomli` backport
     import tomli as tomllib
-
-
-class ConfigError(ValueError):
-    """Bad arguments or configuration: reported as one line, exit code 2."""
 
 
 @dataclass

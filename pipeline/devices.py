@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 _ASCEND_ENV = ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME", "ASCEND_OPP_PATH")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

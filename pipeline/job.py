@@ -16,11 +16,10 @@ from pipeline import devices
 from pipeline.config import JobConfig, fingerprint_view
 from pipeline.data.manifest import Manifest, open_manifest
 from pipeline.data.output import OutputDir, read_status
-from pipeline.engine.fast import check_cache_fits, make_engine
 from pipeline.executors import make_pool, run_pool
 from pipeline.executors.shard_queue import node_share
 from pipeline.model import loader
-from pipeline.shard import JobContext
+from pipeline.shard import open_context
 
 
 @dataclass
@@ -77,19 +76,6 @@ def run_job(cfg: JobConfig) -> Summary:
     started = time.perf_counter()
     processed, failed = run_pool(pool, owner, cfg, out, mine, others)
     return _summary(cfg, processed, time.perf_counter() - started, failed)
-
-
-def open_context(cfg: JobConfig, manifest: Manifest, out: OutputDir, info: loader.ModelInfo, model_name: str,
-                 device_spec: str) -> JobContext:
-    """Load the model once on `device_spec`: in this process, a worker process or a Ray actor."""
-    device = devices.resolve_device(device_spec)
-    dtype = loader.compute_dtype(info, devices.resolve_dtype(cfg.model.dtype, device), device)
-    if cfg.generation.engine == "fast":
-        check_cache_fits(loader.text_config(info), cfg.generation, device, dtype)
-    processor = loader.load_processor(info, cfg.model.trust_remote_code)
-    model = loader.load_model(info, device, dtype, cfg.model.trust_remote_code)
-    engine = make_engine(model, processor, cfg.generation, device)
-    return JobContext(cfg, manifest, out, info, processor, engine, model_name)
 
 
 def _summary(cfg: JobConfig, processed: int, seconds: float, failed: dict | None = None) -> Summary:

@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from pipeline import devices
 from pipeline.config import JobConfig
 from pipeline.data.manifest import Chunk, Manifest, Shard
 from pipeline.data.media import MediaError, decode_media
 from pipeline.data.output import RESULT_FIELDS, OutputDir, passthrough_name, shard_stats
 from pipeline.data.sources import MediaSource, SourceError
 from pipeline.engine.base import Request, Result
+from pipeline.engine.fast import check_cache_fits, make_engine
+from pipeline.model import loader
 from pipeline.model.loader import ModelInfo, build_prompt
 
 
@@ -49,6 +52,19 @@ class JobContext:
         if key not in self._prompts:
             self._prompts[key] = build_prompt(self.processor, self.info, text, kind)
         return self._prompts[key]
+
+
+def open_context(cfg: JobConfig, manifest: Manifest, out: OutputDir, info: loader.ModelInfo, model_name: str,
+                 device_spec: str) -> JobContext:
+    """Load the model once on `device_spec`: in this process, a worker process or a Ray actor."""
+    device = devices.resolve_device(device_spec)
+    dtype = loader.compute_dtype(info, devices.resolve_dtype(cfg.model.dtype, device), device)
+    if cfg.generation.engine == "fast":
+        check_cache_fits(loader.text_config(info), cfg.generation, device, dtype)
+    processor = loader.load_processor(info, cfg.model.trust_remote_code)
+    model = loader.load_model(info, device, dtype, cfg.model.trust_remote_code)
+    engine = make_engine(model, processor, cfg.generation, device)
+    return JobContext(cfg, manifest, out, info, processor, engine, model_name)
 
 
 @dataclass

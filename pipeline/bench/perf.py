@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from pipeline import devices
-from pipeline.config import ConfigError, GenerationConfig, ModelConfig
+from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.engine.base import Request
 from pipeline.engine.fast import FastEngine
+from pipeline.errors import ConfigError
 from pipeline.model import loader
 from pipeline.testing.demo import synthetic_image
 

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError, InputConfig
+from pipeline.config import InputConfig
+from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)

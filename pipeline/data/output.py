@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError, fingerprint_view
+from pipeline.config import fingerprint_view
+from pipeline.errors import ConfigError
 
 JOB_FILE = "_job.json"
 TMP_STALE_S = 3600.0

@@ -27,14 +27,15 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from pipeline import devices
-from pipeline.config import ConfigError, GenerationConfig
+from pipeline.config import GenerationConfig
 from pipeline.engine import multimodal
 from pipeline.engine.base import Request, Result, stage_error
 from pipeline.engine.feeder import Feeder
 from pipeline.engine.hf import HFEngine
 from pipeline.engine.scheduler import Row, Slots, finish, pick
+from pipeline.errors import ConfigError
 from pipeline.model import decoder
-from pipeline.model.kv_cache import GRAPH_WINDOW_BUCKET, WINDOW_BUCKET, KVCache, window_for
+from pipeline.model.kv_cache import GRAPH_WINDOW_BUCKET, WINDOW_BUCKET, KVCache, attention_dims, window_for
 
 REFILL_FRACTION = 4  # refill once a quarter of the slots are free (W1 on the dev CPU: 1 and 4 slots were even)
 
@@ -255,9 +256,7 @@ def check_cache_fits(text_config, gen: GenerationConfig, device: torch.device, d
     It is sized max_batch_size x (max_input_length + max_output_length): a 7B model at the defaults
     (8 x 4224) needs 17 GB, the first thing to shrink on a smaller card.
     """
-    heads = text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    _, kv_heads, head_dim = attention_dims(text_config)
     slots, length = gen.max_batch_size, gen.max_input_length + gen.max_output_length
     itemsize = devices.kv_cache_dtype(device, dtype).itemsize
     need = 2 * text_config.num_hidden_layers * slots * kv_heads * length * head_dim * itemsize

@@ -15,7 +15,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 

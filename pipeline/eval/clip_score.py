@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipeline.config import ConfigError, InputConfig
+from pipeline.config import InputConfig
+from pipeline.errors import ConfigError
 from pipeline.eval.clip_model import Clip, ScoreError
 from pipeline.eval.report import summarize, write_report
 

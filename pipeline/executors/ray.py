@@ -13,7 +13,8 @@ import time
 from collections import deque
 
 from pipeline import devices
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
 
 
 class ShardActor:

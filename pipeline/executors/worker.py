@@ -22,8 +22,11 @@ import traceback
 from collections.abc import Callable
 
 from pipeline.config import from_dict
-from pipeline.data.manifest import Shard
+from pipeline.data.manifest import Shard, open_manifest
+from pipeline.data.output import OutputDir
 from pipeline.executors.leases import Leases
+from pipeline.model.loader import inspect_model
+from pipeline.shard import open_context, process_shard
 
 
 class LeaseLost(Exception):
@@ -32,11 +35,6 @@ class LeaseLost(Exception):
 
 class ShardWorker:
     def __init__(self, record: dict, device: str, owner: dict, ctx=None):
-        from pipeline.data.manifest import open_manifest
-        from pipeline.data.output import OutputDir
-        from pipeline.job import open_context
-        from pipeline.model.loader import inspect_model
-
         if ctx is None:
             cfg = from_dict(record["config"])
             manifest, info = open_manifest(cfg.input), inspect_model(cfg.model)
@@ -47,8 +45,6 @@ class ShardWorker:
 
     def run(self, shard_index: int, on_chunk: Callable[[int, int], None] = lambda rows, errors: None) -> dict:
         """Caption one shard; {"rows": captioned now, "stats": ...} or {"rows": ..., "lost": True}."""
-        from pipeline.shard import process_shard
-
         shard: Shard = self.shards[shard_index]
         if str(shard_index) in os.environ.get("LLAVA_BATCH_CRASH_SHARDS", "").split(","):
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: a shard that kills every worker it meets

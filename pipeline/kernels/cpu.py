@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 MAX_HEAD_DIM = 512

@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.kernels import cpu as cpu_kernels
 from pipeline.model import layer_ops
 from pipeline.model.fused_linear import Projections, fuse, pack_single
-from pipeline.model.kv_cache import KVCache
+from pipeline.model.kv_cache import KVCache, attention_dims
 from pipeline.model.layer_ops import Norm
 
 
@@ -68,7 +68,7 @@ def language_model(model: nn.Module) -> LanguageModel:
     check_supported(model)
     text = model.config.text_config
     lm = model.model.language_model
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    _, kv_heads, head_dim = attention_dims(text)
     fused = layer_ops.ours(model)
     blocks = []
     for layer in lm.layers:
@@ -80,7 +80,7 @@ def language_model(model: nn.Module) -> LanguageModel:
                             layer_ops.norm(layer.post_attention_layernorm, fused)))
     pack_single(model, "lm_head")
     return LanguageModel(lm.embed_tokens, blocks, layer_ops.norm(lm.norm, fused), lm.rotary_emb, model.lm_head,
-                         text.num_key_value_heads, head_dim, getattr(text, "sliding_window", None), fused)
+                         kv_heads, head_dim, getattr(text, "sliding_window", None), fused)
 
 
 # attend(layer index, q, k, v, rope) -> [batch, seq, heads * head_dim]: q, k, v [batch, seq, heads,

@@ -75,3 +75,11 @@ def window_for(max_position: int, max_len: int, bucket: int = WINDOW_BUCKET) -> 
     """Cache positions a decode step must read when the furthest slot writes at `max_position`."""
     need = max_position + 1
     return min(max_len, -(-need // bucket) * bucket)
+
+
+def attention_dims(text_config) -> tuple[int, int, int]:
+    """(heads, kv_heads, head_dim) of a language model's config; llava-hf configs may omit the last two."""
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return heads, kv_heads, head_dim

@@ -22,7 +22,8 @@ from transformers import (
 )
 
 from pipeline import devices
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError
 
 MODEL_CLASSES = {
     "llava": LlavaForConditionalGeneration,

@@ -260,7 +260,7 @@ def test_cli_prints_verdict_and_writes_report(ab_runs, clip, tmp_path, capsys):
 
 
 def test_score_error_is_a_config_error_and_no_common_ids(ab_runs, tmp_path, images, clip):
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
 
     assert issubclass(ScoreError, ConfigError)
     root, names = images
