@@ -30,10 +30,10 @@ from pipeline.testing.tiny_model import build_tiny_model  # noqa: E402
 _RSS_CHILD = r"""
 import sys, time
 sys.path.insert(0, {root!r})
-import torch, transformers, quant, quant.builtin, quant.families
+import torch, transformers, quant, quant.builtin, pipeline.families
 # one-time costs (lazy transformers imports, torch op and thread-pool init) are the baseline, not
 # conversion memory: they do not grow with the model
-quant.families.meta_model({src!r})
+pipeline.families.meta_model({src!r})
 quant.builtin.quantize_rows(torch.randn(8, 8, dtype=torch.bfloat16), torch.bfloat16)
 def kb(field):
     for line in open("/proc/self/status"):
@@ -166,6 +166,71 @@ def big_synthetic(root: Path) -> Path:
     return root
 
 
+def bf16_source(tmp: Path):
+    """The bench preset cast to bf16 (as llava-hf ships 16-bit weights), and its processor."""
+    from transformers import AutoProcessor
+    from transformers import LlavaForConditionalGeneration as Llava
+
+    fp32_dir = build_tiny_model(tmp / "fp32", "llava", preset="bench")
+    src = tmp / "bf16"
+    Llava.from_pretrained(fp32_dir, dtype=torch.bfloat16).save_pretrained(src)
+    processor = AutoProcessor.from_pretrained(fp32_dir)
+    processor.save_pretrained(src)
+    return src, processor
+
+
+def load(model_dir: Path, dtype: torch.dtype, quantized: bool):
+    from transformers import LlavaForConditionalGeneration as Llava
+
+    if quantized:
+        return quant.load_quantized_model(Llava, model_dir, device=torch.device("cpu"), dtype=dtype)
+    return Llava.from_pretrained(model_dir, dtype=dtype).eval()
+
+
+def accuracy(models: dict, processor, imgs, new_tokens: int) -> tuple[dict, list]:
+    """Teacher-forced logit error and greedy agreement against the fp32 float model, and the
+    fp32 quantized model's captions."""
+    ref32, q32 = models["fp32"], models["w8a16 fp32"]
+    ref_caps = captions(ref32, processor, imgs, new_tokens)
+    q_caps = captions(q32, processor, imgs, new_tokens)
+    errors = {name: round(teacher_forced_error(ref32, models[m], processor, imgs, ref_caps), 5) for name, m in (
+        ("teacher_forced_rel_l2_fp32", "w8a16 fp32"), ("teacher_forced_rel_l2_bf16_vs_fp32_float", "w8a16 bf16"),
+        ("teacher_forced_rel_l2_bf16_float_vs_fp32_float", "bf16"))}
+    tok_agree = [np.mean([a == b for a, b in zip(r, q, strict=False)] or [1.0]) for r, q in
+                 zip(ref_caps, q_caps, strict=True)]
+    greedy = {"identical_captions": f"{sum(r == q for r, q in zip(ref_caps, q_caps, strict=True))}/{len(imgs)}",
+              "token_agreement": round(float(np.mean(tok_agree)), 4)}
+    return {**errors, "greedy_fp32": greedy}, q_caps
+
+
+def interop(qb: Path, qm: Path, q_caps: list, processor, imgs, new_tokens: int) -> dict:
+    """The builtin converter's output against msModelSlim's: int8 steps apart, scales, captions."""
+    from safetensors import safe_open
+
+    steps, frac, scales_equal = 0, [], True
+    fb, fm = safe_open(str(qb / "quant_model_weight_w8a16.safetensors"), "pt"), \
+        safe_open(str(qm / "quant_model_weight_w8a16.safetensors"), "pt")
+    for k in fb.keys():
+        a, b = fb.get_tensor(k), fm.get_tensor(k)
+        if a.dtype == torch.int8:
+            d = (a.int() - b.int()).abs()
+            steps, frac = max(steps, d.max().item()), frac + [(d > 0).float().mean().item()]
+        else:
+            scales_equal &= torch.equal(a, b)
+    m_caps = captions(load(qm, torch.float32, True), processor, imgs, new_tokens)
+    return {"max_int8_step": steps, "frac_int8_differing": round(float(np.mean(frac)), 4),
+            "scales_and_float_tensors_identical": bool(scales_equal),
+            "captions_identical": f"{sum(a == b for a, b in zip(q_caps, m_caps, strict=True))}/{len(imgs)}"}
+
+
+def speed(ref16, q16, processor, imgs, new_tokens: int) -> dict:
+    kernels = {m.kernel for m in q16.modules() if isinstance(m, quant.W8A16Linear)}
+    result = {"kernels": sorted(kernels)}
+    for batch in (1, 8):
+        result[f"batch{batch}"] = decode_tps({"bf16": ref16, "w8a16": q16}, processor, imgs, batch, new_tokens)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=8)
@@ -176,71 +241,29 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from transformers import AutoProcessor
-    from transformers import LlavaForConditionalGeneration as Llava
-
     report: dict = {"torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        fp32_dir = build_tiny_model(tmp / "fp32", "llava", preset="bench")
-        src = tmp / "bf16"
-        Llava.from_pretrained(fp32_dir, dtype=torch.bfloat16).save_pretrained(src)
-        processor = AutoProcessor.from_pretrained(fp32_dir)
-        processor.save_pretrained(src)
-
-        report["conversion_memory"] = conversion_memory(src, tmp / "q_builtin")
+        src, processor = bf16_source(tmp)
         qb = tmp / "q_builtin"
+        report["conversion_memory"] = conversion_memory(src, qb)
         report["lm_linear_bytes_vs_bf16"] = round(lm_weight_ratio(qb), 4)
         try:
             qm = quant.quantize(src, tmp / "q_ms", backend="msmodelslim")
         except quant.QuantError as e:
             qm, report["interop"] = None, f"skipped: {e}"
-
         imgs = images(args.images)
-        cpu = torch.device("cpu")
-        ref32 = Llava.from_pretrained(src, dtype=torch.float32).eval()
-        q32 = quant.load_quantized_model(Llava, qb, device=cpu, dtype=torch.float32)
-        ref_caps = captions(ref32, processor, imgs, args.new_tokens)
-        q_caps = captions(q32, processor, imgs, args.new_tokens)
-        report["teacher_forced_rel_l2_fp32"] = round(teacher_forced_error(ref32, q32, processor, imgs, ref_caps), 5)
-        ref16 = Llava.from_pretrained(src, dtype=torch.bfloat16).eval()
-        q16 = quant.load_quantized_model(Llava, qb, device=cpu, dtype=torch.bfloat16)
-        report["teacher_forced_rel_l2_bf16_vs_fp32_float"] = round(
-            teacher_forced_error(ref32, q16, processor, imgs, ref_caps), 5)
-        report["teacher_forced_rel_l2_bf16_float_vs_fp32_float"] = round(
-            teacher_forced_error(ref32, ref16, processor, imgs, ref_caps), 5)
-        tok_agree = [np.mean([a == b for a, b in zip(r, q, strict=False)] or [1.0]) for r, q in
-                     zip(ref_caps, q_caps, strict=True)]
-        report["greedy_fp32"] = {"identical_captions": f"{sum(r == q for r, q in zip(ref_caps, q_caps, strict=True))}"
-                                 f"/{len(imgs)}", "token_agreement": round(float(np.mean(tok_agree)), 4)}
+        models = {"fp32": load(src, torch.float32, False), "w8a16 fp32": load(qb, torch.float32, True),
+                  "bf16": load(src, torch.bfloat16, False), "w8a16 bf16": load(qb, torch.bfloat16, True)}
+        figures, q_caps = accuracy(models, processor, imgs, args.new_tokens)
+        report.update(figures)
         if qm is not None:
-            from safetensors import safe_open
-            steps, frac, scales_equal = 0, [], True
-            fb, fm = safe_open(str(qb / "quant_model_weight_w8a16.safetensors"), "pt"), \
-                safe_open(str(qm / "quant_model_weight_w8a16.safetensors"), "pt")
-            for k in fb.keys():
-                a, b = fb.get_tensor(k), fm.get_tensor(k)
-                if a.dtype == torch.int8:
-                    d = (a.int() - b.int()).abs()
-                    steps, frac = max(steps, d.max().item()), frac + [(d > 0).float().mean().item()]
-                else:
-                    scales_equal &= torch.equal(a, b)
-            qm32 = quant.load_quantized_model(Llava, qm, device=cpu, dtype=torch.float32)
-            m_caps = captions(qm32, processor, imgs, args.new_tokens)
-            report["interop"] = {"max_int8_step": steps, "frac_int8_differing": round(float(np.mean(frac)), 4),
-                                 "scales_and_float_tensors_identical": bool(scales_equal),
-                                 "captions_identical": f"{sum(a == b for a, b in zip(q_caps, m_caps, strict=True))}"
-                                                       f"/{len(imgs)}"}
-        kernels = {m.kernel for m in q16.modules() if isinstance(m, quant.W8A16Linear)}
-        report["decode_tokens_per_s_cpu"] = {"kernels": sorted(kernels)}
-        for batch in (1, 8):
-            report["decode_tokens_per_s_cpu"][f"batch{batch}"] = decode_tps(
-                {"bf16": ref16, "w8a16": q16}, processor, imgs, batch, args.new_tokens)
+            report["interop"] = interop(qb, qm, q_caps, processor, imgs, args.new_tokens)
+        report["decode_tokens_per_s_cpu"] = speed(models["bf16"], models["w8a16 bf16"], processor, imgs,
+                                                  args.new_tokens)
         if args.big:
-            big = big_synthetic(tmp / "big")
-            report["conversion_memory_big"] = conversion_memory(big, tmp / "q_big")
+            report["conversion_memory_big"] = conversion_memory(big_synthetic(tmp / "big"), tmp / "q_big")
     print(json.dumps(report, indent=2))
-
 
 if __name__ == "__main__":
     main()

@@ -35,6 +35,7 @@ from pipeline.testing.jobs import job_sections, write_job, write_manifest  # noq
 from pipeline.testing.tiny_model import build_tiny_model  # noqa: E402
 
 ONE, TWO = '["cpu"]', '["cpu", "cpu"]'
+LOCAL, RAY = ('run.executor="local"',), ('run.executor="ray"', 'run.ray_address="local"')
 
 
 def run(job: Path, out: Path, *sets: str, threads: int | None = None) -> dict:
@@ -87,40 +88,59 @@ def make(root: Path, name: str, model: Path, manifest: Path, **output) -> tuple[
     return write_job(root / f"{name}.toml", sections), out
 
 
+def prepare(root: Path, rows: int) -> tuple[Path, int]:
+    """A manifest of `rows` rounded down to whole shards and chunks, over 16 images of mixed sizes."""
+    images = [str(write_image(root / "media" / f"{i}.png", seed=i, size=(96 + 8 * i, 80))) for i in range(16)]
+    n = rows - rows % 12
+    manifest = write_manifest(root / "m.parquet", {"id": [str(i) for i in range(n)],
+                                                   "path": [images[i % 16] for i in range(n)]})
+    return manifest, n
+
+
+def configs(skip_ray: bool) -> dict:
+    """name -> --set overrides, then the torch threads where a config pins them."""
+    # A 1-thread single worker too: what each of the two workers (1 thread each) gets on 2 cores.
+    found = {"local 1 worker": (*LOCAL, f"run.devices={ONE}"),
+             "local 1 worker, 1 thread": (*LOCAL, f"run.devices={ONE}", 1),
+             "local 2 workers": (*LOCAL, f"run.devices={TWO}")}
+    if not skip_ray:
+        found |= {"ray 1 actor": (*RAY, f"run.devices={ONE}"), "ray 2 actors": (*RAY, f"run.devices={TWO}")}
+    return found
+
+
+def throughput(root: Path, model: Path, manifest: Path, skip_ray: bool) -> dict:
+    result = {}
+    for i, (name, sets) in enumerate(configs(skip_ray).items()):
+        job, out = make(root, f"t{i}", model, manifest, rows_per_shard=12, chunk_rows=4)
+        threads = sets[-1] if isinstance(sets[-1], int) else None
+        result[name] = run(job, out, *[s for s in sets if isinstance(s, str)], threads=threads)
+        print(name, result[name], file=sys.stderr, flush=True)
+    return result
+
+
+def ray_overhead(root: Path, manifest: Path, shards: int) -> dict:
+    """One row a shard on the test model, local against Ray: what Ray adds to each shard."""
+    test = build_tiny_model(root / "test", "llava")
+    per = {}
+    for name, sets in (("local", LOCAL), ("ray", RAY)):
+        job, out = make(root, f"o-{name}", test, manifest, rows_per_shard=1, chunk_rows=1)
+        per[name] = run(job, out, *sets, f"run.devices={ONE}", threads=1)  # a 1-CPU Ray actor runs torch on 1 thread
+    return {"round_trip_ms": ray_round_trip_ms(), "shards": shards, "local": per["local"], "ray": per["ray"],
+            "ms_per_shard": round(1000 * (per["ray"]["span_s"] - per["local"]["span_s"]) / shards, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=96)
     ap.add_argument("--skip-ray", action="store_true")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bw", dir="/tmp"))
-    images = [str(write_image(root / "media" / f"{i}.png", seed=i, size=(96 + 8 * i, 80))) for i in range(16)]
-    n = args.rows - args.rows % 12  # whole shards and chunks
-    manifest = write_manifest(root / "m.parquet", {"id": [str(i) for i in range(n)],
-                                                   "path": [images[i % 16] for i in range(n)]})
+    manifest, n = prepare(root, args.rows)
     bench = build_tiny_model(root / "bench", "llava", preset="bench", image_size=112)
-    # A 1-thread single worker too: what each of the two workers (1 thread each) gets on 2 cores.
-    configs = {"local 1 worker": ("run.executor=\"local\"", f"run.devices={ONE}"),
-               "local 1 worker, 1 thread": ("run.executor=\"local\"", f"run.devices={ONE}", 1),
-               "local 2 workers": ("run.executor=\"local\"", f"run.devices={TWO}")}
+    result = {"host_cpus": os.cpu_count(), "rows": n, "load_before": os.getloadavg()[0]}
+    result["throughput"] = throughput(root, bench, manifest, args.skip_ray)
     if not args.skip_ray:
-        configs |= {"ray 1 actor": ('run.executor="ray"', 'run.ray_address="local"', f"run.devices={ONE}"),
-                    "ray 2 actors": ('run.executor="ray"', 'run.ray_address="local"', f"run.devices={TWO}")}
-    result = {"host_cpus": os.cpu_count(), "rows": n, "load_before": os.getloadavg()[0], "throughput": {}}
-    for i, (name, sets) in enumerate(configs.items()):
-        job, out = make(root, f"t{i}", bench, manifest, rows_per_shard=12, chunk_rows=4)
-        threads = sets[-1] if isinstance(sets[-1], int) else None
-        result["throughput"][name] = run(job, out, *[s for s in sets if isinstance(s, str)], threads=threads)
-        print(name, result["throughput"][name], file=sys.stderr, flush=True)
-    if not args.skip_ray:
-        test = build_tiny_model(root / "test", "llava")
-        per = {}
-        for name, sets in (("local", ('run.executor="local"', f"run.devices={ONE}")),
-                           ("ray", ('run.executor="ray"', 'run.ray_address="local"', f"run.devices={ONE}"))):
-            job, out = make(root, f"o-{name}", test, manifest, rows_per_shard=1, chunk_rows=1)
-            per[name] = run(job, out, *sets, threads=1)  # a 1-CPU Ray actor runs torch on 1 thread
-        shards = n
-        result["ray_overhead"] = {"round_trip_ms": ray_round_trip_ms(), "shards": shards, "local": per["local"], "ray": per["ray"],
-                                  "ms_per_shard": round(1000 * (per["ray"]["span_s"] - per["local"]["span_s"]) / shards, 2)}
+        result["ray_overhead"] = ray_overhead(root, manifest, n)
     result["load_after"] = os.getloadavg()[0]
     print(json.dumps(result, indent=2))
 

@@ -78,10 +78,15 @@ def main() -> None:
                  ["--max-batch-size", "16"])
     hf = bench(model, manifest, out / "hf", "hf", spec["max_output_length"], args.dtype,
                ["--hf-batch-sizes", args.hf_batch_sizes])
+    print(json.dumps(summary(args, spec, fast, hf, load_before), indent=1))
+
+
+def summary(args, spec: dict, fast: dict, hf: dict, load_before) -> dict:
+    """The one JSON object: both engines' figures side by side, the fast engine's against the peak."""
     best = max(hf["hf"], key=lambda r: r["tokens_per_s"])
     f = fast["fast"]
     peak = fast["machine"][f"{'fp32' if fast['dtype'] == 'float32' else 'bf16'}_matmul_gflop_per_s"]
-    print(json.dumps({
+    return {
         "workload": args.workload, **spec, "images": args.images, "dtype": fast["dtype"],
         "fast_tokens_per_s": f["tokens_per_s"], "fast_seconds": f["seconds"], "fast_output_tokens": f["output_tokens"],
         "hf": hf["hf"], "hf_best_tokens_per_s": best["tokens_per_s"],
@@ -91,8 +96,7 @@ def main() -> None:
         "prefill_fraction_of_peak": round(f["prefill_gflop_per_s"] / peak, 3) if f["prefill_gflop_per_s"] else None,
         "machine": fast["machine"], "process_s": {"fast": fast["process_s"], "hf": hf["process_s"]},
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-    }, indent=1))
-
+    }
 
 if __name__ == "__main__":
     main()

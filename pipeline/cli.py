@@ -2,7 +2,8 @@
 
 Exit codes: 0 done (row errors are counted, not fatal, unless run.max_error_rate is exceeded),
 2 bad arguments or configuration (one line on stderr, nothing written), 1 anything else.
-Heavy imports (torch, transformers) happen inside the commands so `--help` stays instant.
+A `LlavaBatchError` is one line on stderr and its own exit_code; anything else is a bug and keeps
+its traceback. Heavy imports (torch, transformers) happen inside the commands so `--help` stays instant.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from pipeline import logs
+from pipeline.errors import LlavaBatchError
+from pipeline.logs import PLAIN, log
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,12 +59,6 @@ def _cmd_quantize(args) -> int:
 
     print(quantize(args.src, args.dst, backend=args.backend, names=args.names, overwrite=args.overwrite))
     return 0
-
-
-def _cmd_score(args) -> int:
-    from pipeline.eval.clip_score import cli
-
-    return cli(args)
 
 
 def _cmd_bench(args) -> int:
@@ -126,31 +125,27 @@ def build_parser() -> argparse.ArgumentParser:
         add_score = None
     if add_score:
         add_score(sub)
-        sub.choices["score"].set_defaults(func=_cmd_score)
     return parser
 
 
-def _expected_errors() -> tuple[type, ...]:
-    from pipeline.errors import ConfigError
-
-    errors = [ConfigError]
-    for module, name in (("quant", "QuantError"), ("pipeline.eval.clip_score", "ScoreError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+def _report(args, error: LlavaBatchError) -> None:
+    prog = getattr(args, "error_prog", None)  # a command that names itself in its error lines
+    if prog:
+        log.error(f"{prog}: error: {error}", extra=PLAIN)
+    else:
+        log.error(f"error: {error}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    logs.setup()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _expected_errors() as e:
-        print(f"llava-batch: error: {e}", file=sys.stderr)
-        return 2
+    except LlavaBatchError as e:
+        _report(args, e)
+        return e.exit_code
     except KeyboardInterrupt:
-        print("llava-batch: interrupted; rerun the same command to resume", file=sys.stderr)
+        log.warning("interrupted; rerun the same command to resume")
         return 130
 
 

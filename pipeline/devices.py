@@ -1,7 +1,8 @@
 """The only module that knows about npu / cuda / cpu.
 
-torch_npu is imported here and nowhere else, and only on an Ascend host: installing it without
-CANN makes `import torch` itself fail, so its mere presence is no proof it can be used.
+torch_npu is imported here and nowhere else (code running npu ops gets it from `npu_ops()`), and
+only on an Ascend host: installing it without CANN makes `import torch` itself fail, so its mere
+presence is no proof it can be used.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def torch_npu():
         return importlib.import_module("torch_npu")
     except ImportError:
         return None
+
+
+def npu_ops():
+    """torch_npu, for code that only runs on npu tensors (its own ops, e.g. npu_weight_quant_batchmatmul)."""
+    mod = torch_npu()
+    if mod is None:
+        raise RuntimeError("an npu kernel was called on a host without a usable torch_npu")
+    return mod
 
 
 def npu_available() -> bool:
@@ -188,8 +197,8 @@ def graph_compile(fn, device: torch.device):
 
 def kv_cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The model dtype, as transformers keeps it. On a CPU without our decode-attention kernel
-    (pipeline/kernels/cpu.py) fp32: torch's bf16/fp16 SDPA for one query row runs 3-6x slower than
-    its fp32 one (torch 2.14, AVX-512), which outweighs reading a cache twice the size."""
+    (pipeline/kernels/cpu.py) fp32: torch's bf16/fp16 SDPA for one query row runs several times
+    slower than its fp32 one, which outweighs reading a cache twice the size."""
     if device.type == "cpu":
         from pipeline.kernels import cpu as cpu_kernels  # compiles the kernel on first use
 

@@ -1,6 +1,8 @@
 """The errors llava-batch reports to users, and the exit code the CLI gives each.
 
-Anything else that escapes is a bug and keeps its traceback.
+pipeline.cli catches LlavaBatchError alone and exits with its exit_code, so a subclass defined beside
+what raises it (quant.QuantError, pipeline.eval.ScoreError) needs no entry there. Anything else that
+escapes is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ from pipeline.data.manifest import Manifest, open_manifest
 from pipeline.data.output import OutputDir, read_status
 from pipeline.executors import make_pool, run_pool
 from pipeline.executors.shard_queue import node_share
+from pipeline.logs import PLAIN, log
 from pipeline.model import loader
 from pipeline.shard import open_context
 
@@ -68,13 +68,13 @@ def run_job(cfg: JobConfig) -> Summary:
     mine, others = node_share(shards, cfg.run)
     if cfg.output.mode == "resume" and out.read_job() and all(out.shard_done(s.index) for s in mine + others):
         share = "" if len(mine) == len(shards) else f" of node {cfg.run.node_rank}'s share"
-        print(f"all {manifest.num_rows} rows{share} already done", file=sys.stderr)
+        log.info(f"all {manifest.num_rows} rows{share} already done", extra=PLAIN)
         return _summary(cfg, 0, 0.0)
-    pool, owner = make_pool(cfg, record, workers, len(shards),
+    pool, owner = make_pool(cfg.run, record, workers, len(shards),
                             lambda device: open_context(cfg, manifest, out, info, record["model"], device))
     out.start(record, cfg.output.mode)
     started = time.perf_counter()
-    processed, failed = run_pool(pool, owner, cfg, out, mine, others)
+    processed, failed = run_pool(pool, owner, cfg.run, out, mine, others, cfg.output.chunk_rows)
     return _summary(cfg, processed, time.perf_counter() - started, failed)
 
 

@@ -1,10 +1,11 @@
 """process_shard(): read -> decode -> batch -> generate -> write -> commit, for one shard.
 
 Decoding runs in a thread pool a bounded window ahead of generation, across chunk boundaries,
-so the device does not wait on Pillow/PyAV. With a batch engine (hf), batches never span chunks:
-a chunk's captions then depend only on its own rows. A streaming engine (fast) takes rows one at a
-time across chunk boundaries, every row decoded on its own, and a chunk commits once all its rows
-have results; either way chunks stay the plan's fixed row ranges, which exactly-once relies on.
+so the device does not wait on Pillow/PyAV. Every row goes to the engine's stream tagged with its
+chunk (`Request.group`): the hf engine's batches never span chunks, so a chunk's captions depend only
+on its own rows; the fast engine takes rows one at a time across chunk boundaries. Results come back
+in any order, and a chunk commits once all its rows have results, so chunks stay the plan's fixed
+row ranges, which exactly-once relies on.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from pipeline.data.manifest import Chunk, Manifest, Shard
 from pipeline.data.media import MediaError, decode_media
 from pipeline.data.output import RESULT_FIELDS, OutputDir, passthrough_name, shard_stats
 from pipeline.data.sources import MediaSource, SourceError
-from pipeline.engine.base import Request, Result
-from pipeline.engine.fast import check_cache_fits, make_engine
+from pipeline.engine import check_cache_fits, make_engine
+from pipeline.engine.base import Engine, Request, Result
 from pipeline.model import loader
 from pipeline.model.loader import ModelInfo, build_prompt
 
@@ -39,7 +40,7 @@ class JobContext:
     out: OutputDir
     info: ModelInfo
     processor: object
-    engine: object  # anything with generate(list[Request]) -> list[Result]
+    engine: Engine
     model_name: str
     source: MediaSource = field(init=False)
 
@@ -149,7 +150,8 @@ class _ChunkWriter:
     def commit(self, chunk: Chunk) -> None:
         k = chunk.index
         results = self.results.pop(k)
-        table = _output_table(self.ctx, chunk, self.tables.pop(k), results, self.frames.pop(k), self.prompts.pop(k))
+        table = _output_table(self.ctx, chunk, self.tables.pop(k), results, self.frames.pop(k),
+                              self.prompts.pop(k))
         meta = {"shard": chunk.shard, "chunk": k, "start": chunk.start, "stop": chunk.stop,
                 "seconds": time.perf_counter() - self.started.pop(k),
                 # provenance: which process on which host wrote the chunk (ops, and the kill tests)
@@ -180,22 +182,20 @@ def _output_table(ctx, chunk, table, results, frames, prompts) -> pa.Table:
     return table
 
 
-def _generate(ctx: JobContext, requests: list[Request]) -> list[Result]:
-    """A batch that raises (other than OOM, which the engine absorbs) is retried row by row."""
-    try:
-        return ctx.engine.generate(requests)
-    except Exception as e:  # noqa: BLE001
-        if len(requests) == 1:
-            return [Result(error=f"generation failed: {type(e).__name__}: {e}")]
-        return [r for req in requests for r in _generate(ctx, [req])]
-
-
-def _request(ctx: JobContext, item: Item, text: str) -> Request | str:
-    media = item.media
-    if media.kind == "video" and not ctx.info.supports_video:
+def _row_error(ctx: JobContext, item: Item) -> str | None:
+    """Why a row gets no caption before it reaches the engine (None: it goes on)."""
+    if item.error:
+        return item.error
+    if item.media.kind == "video" and not ctx.info.supports_video:
         return f"unsupported media: video rows need a llava_next_video model, not {ctx.info.family}"
+    return None
+
+
+def _request(ctx: JobContext, item: Item, text: str) -> Request:
+    media = item.media
     prompt = ctx.prompt_for(text, media.kind)
-    return Request(item.chunk.start + item.pos, prompt, media.kind, image=media.image, frames=media.frames)
+    return Request(item.chunk.start + item.pos, prompt, media.kind, image=media.image, frames=media.frames,
+                   group=item.chunk.index)
 
 
 def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, list[Result]], None]) -> dict:
@@ -212,37 +212,13 @@ def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, lis
         if prompt_col:
             texts[chunk.index] = dict(enumerate(table.column(prompt_col).to_pylist()))
 
-    buckets: dict[str, list[tuple[Item, Request]]] = {"image": [], "video": []}
-
-    def flush(kind: str) -> None:
-        batch, buckets[kind] = buckets[kind], []
-        for (item, req), res in zip(batch, _generate(ctx, [r for _, r in batch]), strict=True):
-            writer.put(item, res, req.prompt)
-
-    current = None
     window = max(2 * cfg.generation.max_batch_size, 2 * cfg.run.decode_workers)
-    engine_before = dict(getattr(ctx.engine, "stats", {}))
+    engine_before = dict(ctx.engine.stats)
     started = time.perf_counter()
     with ThreadPoolExecutor(cfg.run.decode_workers, thread_name_prefix="decode") as pool:
         items = _items(_chunk_tables(ctx, todo), remember)
         decoded = _prefetch(pool, lambda it: _decode(ctx, it), items, window)
-        if hasattr(ctx.engine, "generate_stream"):
-            _stream(ctx, decoded, texts, writer)
-            decoded = ()
-        for item in decoded:
-            if current is not None and item.chunk != current:
-                _finish_chunk(current, buckets, flush, writer)
-            current = item.chunk
-            text = texts.get(item.chunk.index, {}).get(item.pos) or cfg.generation.prompt
-            req = item.error or _request(ctx, item, text)
-            if isinstance(req, str):
-                writer.put(item, Result(error=req), None)
-                continue
-            buckets[req.kind].append((item, req))
-            if len(buckets[req.kind]) >= cfg.generation.max_batch_size:
-                flush(req.kind)
-        if current is not None:
-            _finish_chunk(current, buckets, flush, writer)
+        _caption(ctx, decoded, texts, writer)
     stats = shard_stats(ctx.out, shard.index, shard.stop - shard.start)
     if engine_before:
         stats["engine"] = _engine_stats(ctx.engine.stats, engine_before, time.perf_counter() - started)
@@ -250,18 +226,11 @@ def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, lis
     return stats
 
 
-def _finish_chunk(chunk: Chunk, buckets: dict, flush: Callable, writer: _ChunkWriter) -> None:
-    for kind in buckets:
-        if buckets[kind]:
-            flush(kind)
-    writer.commit(chunk)
-
-
-def _stream(ctx: JobContext, decoded: Iterable[Item], texts: dict, writer: _ChunkWriter) -> None:
-    """Rows flow through a streaming engine one at a time, in any order of completion; a chunk
+def _caption(ctx: JobContext, decoded: Iterable[Item], texts: dict, writer: _ChunkWriter) -> None:
+    """Rows flow through the engine's stream and come back in any order of completion; a chunk
     commits once every one of its rows has a result, so chunk boundaries (and exactly-once) hold.
 
-    The engine pulls `requests()` on its own feeder thread, hence the lock around the writer.
+    The fast engine pulls `requests()` on its own feeder thread, hence the lock around the writer.
     """
     lock = threading.Lock()
     pending: dict[int, Item] = {}
@@ -274,11 +243,12 @@ def _stream(ctx: JobContext, decoded: Iterable[Item], texts: dict, writer: _Chun
 
     def requests() -> Iterator[Request]:
         for item in decoded:
-            text = texts.get(item.chunk.index, {}).get(item.pos) or ctx.cfg.generation.prompt
-            req = item.error or _request(ctx, item, text)
-            if isinstance(req, str):
-                done(item, Result(error=req), None)
+            error = _row_error(ctx, item)
+            if error is not None:
+                done(item, Result(error=error), None)
                 continue
+            text = texts.get(item.chunk.index, {}).get(item.pos) or ctx.cfg.generation.prompt
+            req = _request(ctx, item, text)
             pending[id(req)] = item
             yield req
 

@@ -6,9 +6,9 @@ msModelSlim itself). At load: `load_quantized_model()` swaps LM linears for `W8A
 
 from quant.convert import quantize
 from quant.errors import QuantError
-from quant.layout import describe, is_quantized, model_label, read_description
+from quant.layout import describe, is_quantized, read_description
 from quant.linear import W8A16Linear
 from quant.load import load_quantized_model
 
 __all__ = ["QuantError", "W8A16Linear", "describe", "is_quantized", "load_quantized_model",
-           "model_label", "quantize", "read_description"]
+           "quantize", "read_description"]

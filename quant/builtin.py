@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.families import meta_model
 from quant import families, layout, names, st_io
 from quant.errors import QuantError
 from quant.qmath import quantize_rows
@@ -36,7 +37,7 @@ def _plan(src_dir: Path, scheme: str) -> list[_Out]:
     infos: dict[str, st_io.TensorInfo] = {}
     for path in layout.weight_files(src_dir):
         infos.update(st_io.read_header(path))
-    quantized = {n + ".weight" for n in families.quantizable_linears(families.meta_model(src_dir))}
+    quantized = {n + ".weight" for n in families.quantizable_linears(meta_model(src_dir))}
     by_hf = {names.to_hf(k): v for k, v in infos.items()}
     missing = sorted(quantized - by_hf.keys())
     if missing:

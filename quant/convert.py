@@ -6,15 +6,13 @@ complete, so a crash or a refused model never leaves a half-written DST behind.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline.logs import log
 from quant import builtin, families, layout, msmodelslim_backend, names
 from quant.errors import QuantError
-
-log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "msmodelslim", "builtin")
 # Weight files are replaced by the quantized ones; everything else (config, tokenizer,
@@ -82,5 +80,5 @@ def quantize(src_dir, dst_dir, *, backend: str = "auto", names: str = "hf", over
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote W8A16 model (%s, %s names) to %s", chosen, names, dst)
+    log.debug("wrote W8A16 model (%s, %s names) to %s", chosen, names, dst)
     return dst

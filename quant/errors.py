@@ -1,5 +1,8 @@
-"""The one exception the quant package raises for user-facing problems (the CLI maps it to exit 2)."""
+"""The exception the quant package raises for user-facing problems."""
+
+from pipeline.errors import ConfigError
 
 
-class QuantError(Exception):
-    """A model dir or a request the W8A16 code refuses; the message is one line for stderr."""
+class QuantError(ConfigError):
+    """A model dir or a request the W8A16 code refuses: a ConfigError (exit code 2), its message one
+    line for stderr."""

@@ -101,7 +101,3 @@ def describe(model_dir, group_size: int | None = None) -> str:
     backend = {"msmodelslim": "msModelSlim"}.get(backend, backend)
     return f"W8A16 {gran} ({backend})"
 
-
-def model_label(name: str, model_dir) -> str:
-    """The `model` output column value for a quantized dir, e.g. "tiny-llava (W8A16)"."""
-    return f"{name} ({read_description(model_dir)['model_quant_type']})"

@@ -15,13 +15,13 @@ dequantised at load; each device gets the best kernel it has:
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import devices
 from quant.qmath import quantize_rows
 
 _compiled_dequant_linear = None
@@ -104,8 +104,7 @@ class W8A16Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "npu":
-            torch_npu = importlib.import_module("torch_npu")  # only ever reached on Ascend hosts
-            y = torch_npu.npu_weight_quant_batchmatmul(
+            y = devices.npu_ops().npu_weight_quant_batchmatmul(
                 x2, self.weight.t(), self._npu_scale, self._npu_offset,
                 antiquant_group_size=self.group_size)
             if self.bias is not None:  # added outside: the kernel's bias dtype rules differ per chip

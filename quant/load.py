@@ -10,19 +10,16 @@ straight to its place: FLOAT tensors cast to `dtype`, int8 weights kept int8. Bo
 from __future__ import annotations
 
 import contextlib
-import logging
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from pipeline.logs import log
 from quant import layout, names
 from quant.errors import QuantError
 from quant.linear import W8A16Linear
-
-log = logging.getLogger(__name__)
-_QUANT_SUFFIXES = (".weight_scale", ".weight_offset")
 
 
 @contextlib.contextmanager

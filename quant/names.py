@@ -15,32 +15,27 @@ Every input spelling is first brought to "hf" (`to_hf`); output goes to "hf" or 
 
 from __future__ import annotations
 
-import re
-
 SCHEMES = ("hf", "legacy")
 
-# (pattern on a legacy / save_pretrained name, hf replacement); first match wins.
-_TO_HF = [
-    (re.compile(r"^language_model\.model\."), "model.language_model."),
-    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
-    (re.compile(r"^vision_tower\.vision_model\."), "model.vision_tower."),
-    (re.compile(r"^vision_tower\."), "model.vision_tower."),
-    (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
-    (re.compile(r"^image_newline$"), "model.image_newline"),
+# (legacy name, hf name) of the same tensors: a name ending in "." is a prefix, any other a whole name.
+_LEGACY_HF = [
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("image_newline", "model.image_newline"),
 ]
-_TO_LEGACY = [
-    (re.compile(r"^model\.language_model\."), "language_model.model."),
-    (re.compile(r"^lm_head\."), "language_model.lm_head."),
-    (re.compile(r"^model\.vision_tower\."), "vision_tower.vision_model."),
-    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
-    (re.compile(r"^model\.image_newline$"), "image_newline"),
-]
+
+# save_pretrained's vision_tower.encoder... is tried after the legacy vision_tower.vision_model. prefix.
+_TO_HF = [*_LEGACY_HF, ("vision_tower.", "model.vision_tower.")]
+_TO_LEGACY = [(hf, legacy) for legacy, hf in _LEGACY_HF]
 
 
 def _apply(rules, name: str) -> str:
-    for pattern, repl in rules:
-        if pattern.search(name):
-            return pattern.sub(repl, name, count=1)
+    """`name` respelled by the first (from, to) rule that matches it, else as it is."""
+    for old, new in rules:
+        if name == old or (old.endswith(".") and name.startswith(old)):
+            return new + name[len(old):]
     return name
 
 
@@ -59,7 +54,3 @@ def to_scheme(hf_name: str, scheme: str) -> str:
         return _apply(_TO_LEGACY, hf_name)
     raise ValueError(f"unknown name scheme {scheme!r} (expected one of {', '.join(SCHEMES)})")
 
-
-def scheme_of(names) -> str:
-    """Which scheme a set of tensor names uses ("hf" when any name is a transformers-5 module name)."""
-    return "hf" if any(n.startswith(("model.", "lm_head.")) for n in names) else "legacy"

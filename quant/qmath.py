@@ -12,7 +12,7 @@ def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tens
 
     The scale is rounded to its storage dtype first and the weight divided by that stored value,
     so q * scale as read back is the nearest grid point. The division runs in fp32: msModelSlim
-    divides in the model dtype (bf16 keeps one fractional bit near 127), which moves ~10% of
+    divides in the model dtype (bf16 keeps one fractional bit near 127), which moves some of
     the values by one step; both agree to <= 1 step and share identical scales.
     """
     wf = w.float()

@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import devices
-from pipeline.bench.perf import load, machine_peaks
+from pipeline.bench.common import hf_inputs, load, machine_peaks
 from pipeline.config import from_dict, validate
 from pipeline.data.media import decode_media
+from pipeline.families import meta_model
 from pipeline.model import loader
 
 
@@ -93,16 +94,9 @@ def run_hf_loop(args) -> list[dict]:
     for n in [int(x) for x in args.hf_batch_sizes.split(",")]:
         started, tokens = time.perf_counter(), 0
         for i in range(0, len(paths), n):
-            images = []
-            for p in paths[i:i + n]:
-                with open(p, "rb") as f:
-                    images.append(decode_media(f, video_frames=1).image)
-            inputs = processor(text=[prompt] * len(images), images=images, padding=True, return_tensors="pt")
-            inputs = inputs.to(device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            out = model.generate(**inputs, max_new_tokens=args.max_output_length, do_sample=False)
-            for new in out[:, inputs["input_ids"].shape[1]:].tolist():
-                tokens += next((j + 1 for j, t in enumerate(new) if t == eos), len(new))
+            images = [_decode(p) for p in paths[i:i + n]]
+            tokens += _generated_tokens(model, hf_inputs(processor, model, device, [prompt] * len(images), images),
+                                        args.max_output_length, eos)
         devices.synchronize(device)
         seconds = time.perf_counter() - started
         rows.append({"batch_size": n, "seconds": round(seconds, 3), "output_tokens": tokens,
@@ -111,13 +105,16 @@ def run_hf_loop(args) -> list[dict]:
     return rows
 
 
-def meta_model(model_dir: str):
-    """The model's modules without weights: enough to count parameters."""
-    from transformers import AutoConfig
+def _decode(path: str):
+    with open(path, "rb") as f:
+        return decode_media(f, video_frames=1).image
 
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    with torch.device("meta"):
-        return loader.MODEL_CLASSES[config.model_type](config)
+
+def _generated_tokens(model, inputs, max_new_tokens: int, eos: int) -> int:
+    """Tokens `generate` makes for one static batch, each row counted up to and including EOS."""
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return sum(next((j + 1 for j, t in enumerate(new) if t == eos), len(new))
+               for new in out[:, inputs["input_ids"].shape[1]:].tolist())
 
 
 def _linear_params(module) -> int:

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import csv
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 from pipeline import devices
-from pipeline.config import GenerationConfig, ModelConfig
+from pipeline.bench.captions import run as run_captions
+from pipeline.bench.common import hf_inputs, load, machine_peaks
+from pipeline.config import GenerationConfig
 from pipeline.engine.base import Request
 from pipeline.engine.fast import FastEngine
 from pipeline.errors import ConfigError
@@ -34,8 +35,6 @@ COLUMNS = ["batch_size", "input_tokens", "output_tokens", "first_token_ms", "per
 
 def cli(args) -> int:
     if args.workload == "captions":
-        from pipeline.bench.captions import run as run_captions
-
         if not args.manifest:
             raise ConfigError("bench --workload captions needs --manifest")
         report = run_captions(args)
@@ -43,13 +42,6 @@ def cli(args) -> int:
         report = run_perf(args)
     print(json.dumps(report, indent=1))
     return 0
-
-
-def load(model_dir: str, device_spec: str, dtype_spec: str):
-    info = loader.inspect_model(ModelConfig(path=model_dir))
-    device = devices.resolve_device(device_spec)
-    model = loader.load_model(info, device, devices.resolve_dtype(dtype_spec, device))
-    return info, loader.load_processor(info), model, device
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -133,9 +125,7 @@ def _fast(model, processor, device, requests: list[Request], n_input: int, lengt
 @torch.inference_mode()
 def _hf(model, processor, device, requests: list[Request], length: int) -> float:
     started = time.perf_counter()
-    inputs = processor(text=[r.prompt for r in requests], images=[r.image for r in requests], padding=True,
-                       return_tensors="pt").to(device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = hf_inputs(processor, model, device, [r.prompt for r in requests], [r.image for r in requests])
     # min_new_tokens masks EOS: every row runs the full length, as in the MindIE test.
     model.generate(**inputs, max_new_tokens=length, min_new_tokens=length, do_sample=False)
     devices.synchronize(device)
@@ -175,50 +165,3 @@ def plot(path: Path, rows: list[dict], title: str) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
-
-
-def machine_peaks(size: int = 2048, copy_mb: int = 512) -> dict:
-    """What this CPU is, and its measured matmul GFLOP/s (bf16, fp32) and copy bandwidth (GB/s, read +
-    write): figures from one machine kind say little about another."""
-    src = torch.empty(copy_mb * 2**20 // 4)
-    dst = torch.empty_like(src)
-    copy = min(_timed(lambda: dst.copy_(src)) for _ in range(10))
-    return {"cpu": cpu_kind(), "bf16_matmul_gflop_per_s": _matmul_gflop_per_s(torch.bfloat16, size),
-            "fp32_matmul_gflop_per_s": _matmul_gflop_per_s(torch.float32, size),
-            "copy_gb_per_s": round(2 * src.numel() * 4 / copy / 1e9, 2)}
-
-
-def _matmul_gflop_per_s(dtype: torch.dtype, size: int) -> float:
-    """Square matmuls up to `size`, smaller where one takes long: a CPU without bf16 arithmetic
-    emulates it hundreds of times slower than fp32."""
-    n = 256
-    while True:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        best = min(_timed(lambda a=a, b=b: a @ b) for _ in range(3 if n < size else 10))  # min: least disturbed
-        if n >= size or best > 0.05:
-            return round(2 * n**3 / best / 1e9, 1)
-        n *= 2
-
-
-def cpu_kind() -> dict:
-    """The CPU and what the engine's CPU path decided on it (pipeline/kernels/cpu.py, packed_linear.py)."""
-    from pipeline.kernels import cpu as cpu_kernels
-    from pipeline.model import packed_linear
-
-    model = next((line.partition(":")[2].strip() for line in _cpuinfo() if line.startswith("model name")),
-                 platform.processor() or platform.machine())
-    return {"model": model, "machine": platform.machine(), "torch_isa": torch.backends.cpu.get_cpu_capability(),
-            "onednn_packs_bf16": packed_linear.onednn_packs_bf16(), "cpu_kernels": cpu_kernels.selected()}
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
-def _timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started

@@ -1,9 +1,14 @@
-"""What every engine takes and gives: one `Request` per row in, one `Result` per row out."""
+"""The contract every engine keeps: one `Request` per row in, one `Result` per row out.
+
+Also what both engines must agree on to give the same rows the same results: which tokens end a
+caption, how a Result is built from generated tokens, and the texts of a row's errors.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -17,6 +22,9 @@ class Request:
     kind: str  # "image" | "video"
     image: Any = None  # PIL RGB image
     frames: np.ndarray | None = None  # uint8 [T, H, W, 3]
+    # Rows of different groups never share a batch (the runner passes the chunk, so a chunk's captions
+    # depend on its own rows only); an engine that decodes row by row may ignore it.
+    group: object = None
 
 
 @dataclass
@@ -26,6 +34,45 @@ class Result:
     n_output_tokens: int | None = None
     finish_reason: str | None = None
     error: str | None = None
+
+
+class Engine(Protocol):
+    # Counters for the shard stats (pipeline/shard.py); empty for an engine that keeps none.
+    stats: dict[str, float]
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """One Result per request, in request order."""
+
+    def generate_stream(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Result]]:
+        """Every request with its Result, in the order they finish."""
+
+
+def eos_ids(generation_config, tokenizer) -> set[int]:
+    """The tokens that end a caption: the model's generation_config's, else the tokenizer's."""
+    eos = generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def caption_result(tokens: list[int], n_prompt: int, eos: set[int], tokenizer) -> Result:
+    """The Result of a row that generated `tokens`: cut at the first EOS, as `generate` stops there."""
+    stop = next((i for i, t in enumerate(tokens) if t in eos), None)
+    kept = tokens if stop is None else tokens[:stop]
+    caption = tokenizer.decode(kept, skip_special_tokens=True).strip()
+    return Result(caption=caption, n_prompt_tokens=int(n_prompt),
+                  n_output_tokens=len(tokens) if stop is None else stop + 1,
+                  finish_reason="length" if stop is None else "stop")
+
+
+def prompt_too_long(n_prompt: int, max_input_length: int) -> Result:
+    return Result(n_prompt_tokens=n_prompt, error=(
+        f"prompt too long: {n_prompt} tokens (prompt + media) > max_input_length {max_input_length}"))
+
+
+def generation_failed(e: BaseException) -> str:
+    """A row's error text for an exception its batch raised again when run on the row alone."""
+    return f"generation failed: {type(e).__name__}: {e}"
 
 
 def stage_error(stage: str, e: BaseException) -> str:

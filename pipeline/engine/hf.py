@@ -1,18 +1,29 @@
 """Batched generation on decoded media with transformers `generate`. No file I/O here.
 
 This is the reference engine: same inputs, same greedy outputs as calling `generate` by hand.
-A batch that runs the device out of memory is retried in halves before rows get an error.
+A batch that runs the device out of memory is retried in halves before rows get an error; in a
+stream, a batch that fails otherwise is retried row by row, so only the rows that fail alone err.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Iterator
 
 import torch
 
 from pipeline import devices
 from pipeline.config import GenerationConfig
-from pipeline.engine.base import Request, Result
+from pipeline.engine.base import (
+    Request,
+    Result,
+    caption_result,
+    eos_ids,
+    generation_failed,
+    prompt_too_long,
+    stage_error,
+)
+from pipeline.engine.batching import batches
 
 
 class HFEngine:
@@ -20,8 +31,8 @@ class HFEngine:
         self.model, self.processor, self.gen, self.device = model, processor, gen, device
         self.dtype = next(model.parameters()).dtype
         self.generation_config = self._generation_config()
-        eos = self.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = eos_ids(self.generation_config, processor.tokenizer)
+        self.stats: dict[str, float] = {}  # no counters: the shard stats get no engine section
 
     def _generation_config(self):
         cfg = copy.deepcopy(self.model.generation_config)
@@ -43,6 +54,19 @@ class HFEngine:
         return self.processor(text=[r.prompt for r in requests], images=images, videos=videos,
                               padding=True, return_tensors="pt")
 
+    def generate_stream(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Result]]:
+        """Requests in batches (pipeline/engine/batching.py), each batch's results as it completes."""
+        for batch in batches(requests, self.gen.max_batch_size):
+            yield from zip(batch, self._generate_or_fail(batch), strict=True)
+
+    def _generate_or_fail(self, requests: list[Request]) -> list[Result]:
+        try:
+            return self.generate(requests)
+        except Exception as e:  # noqa: BLE001 - one bad row must not stop its neighbours
+            if len(requests) == 1:
+                return [Result(error=generation_failed(e))]
+            return [r for req in requests for r in self._generate_or_fail([req])]
+
     def generate(self, requests: list[Request]) -> list[Result]:
         if not requests:
             return []
@@ -52,8 +76,7 @@ class HFEngine:
         fit = []
         for i, n in enumerate(lengths):
             if n > self.gen.max_input_length:
-                results[i] = Result(n_prompt_tokens=n, error=(
-                    f"prompt too long: {n} tokens (prompt + media) > max_input_length {self.gen.max_input_length}"))
+                results[i] = prompt_too_long(n, self.gen.max_input_length)
             else:
                 fit.append(i)
         # The encoding is reused unless rows were dropped (then the padding changes).
@@ -72,7 +95,7 @@ class HFEngine:
                 raise
             devices.empty_cache(self.device)
             if len(requests) == 1:
-                return [Result(error=f"device out of memory: {str(e).splitlines()[0][:200]}")]
+                return [Result(error=stage_error("generate", e))]
         half = len(requests) // 2
         return self._generate_splitting(requests[:half]) + self._generate_splitting(requests[half:])
 
@@ -88,12 +111,5 @@ class HFEngine:
         out = self.model.generate(**inputs, generation_config=self.generation_config)
         prompt_lengths = inputs["attention_mask"].sum(1).tolist()
         new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
-        return [self._result(tokens, n) for tokens, n in zip(new_tokens, prompt_lengths, strict=True)]
-
-    def _result(self, tokens: list[int], n_prompt: int) -> Result:
-        stop = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
-        kept = tokens if stop is None else tokens[:stop]
-        caption = self.processor.tokenizer.decode(kept, skip_special_tokens=True).strip()
-        return Result(caption=caption, n_prompt_tokens=int(n_prompt),
-                      n_output_tokens=len(tokens) if stop is None else stop + 1,
-                      finish_reason="length" if stop is None else "stop")
+        return [caption_result(tokens, n, self.eos_ids, self.processor.tokenizer)
+                for tokens, n in zip(new_tokens, prompt_lengths, strict=True)]

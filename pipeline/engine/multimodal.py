@@ -36,7 +36,8 @@ def encode(processor, request: Request) -> Encoded:
     return Encoded(out["input_ids"][0], pixels, out.get("image_sizes"))
 
 
-def _features(model: nn.Module, kind: str, rows: list[Encoded], dtype: torch.dtype, device) -> list[torch.Tensor]:
+def _features(model: nn.Module, kind: str, rows: list[Encoded], dtype: torch.dtype,
+              device) -> list[torch.Tensor]:
     """Media features of every row in one vision-tower call; one [tokens, hidden] tensor per row."""
     pixels = torch.cat([r.pixels for r in rows]).to(device, dtype)
     if kind == "video":
@@ -62,7 +63,8 @@ def embed(model: nn.Module, kind: str, rows: list[Encoded], dtype: torch.dtype, 
         x = table(ids)
         place = ids == token
         if int(place.sum()) != features.shape[0]:
-            raise ValueError(f"{int(place.sum())} {kind} tokens in the prompt but {features.shape[0]} features")
+            raise ValueError(f"{int(place.sum())} {kind} tokens in the prompt but "
+                             f"{features.shape[0]} features")
         x[place] = features.to(x.dtype)
         out.append(x)
     return out

@@ -1,32 +1,23 @@
-"""Which row sits in which cache slot, when a row stops, and how its next token is chosen.
+"""Which sequence sits in which cache slot: when to refill free slots, when to move rows down, when
+a row stops. (Part of the fast engine, pipeline/engine/fast.py.)
 
-Pure bookkeeping on the host: no model, no cache. The engine asks for free slots, places rows,
-feeds every decoded token back and collects the rows that finished. (Part of the fast engine:
-pipeline/engine/fast.py.)
+Pure bookkeeping on the host: no model, no cache. The engine asks what to do before a step, runs it
+and hands back every row's new token; the moves it is told of it applies to the cache itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 
-import torch
-
-from pipeline.engine.base import Request, Result
+from pipeline.engine.sequence import Sequence
 
 
-@dataclass
-class Row:
-    tag: object  # the caller's handle, returned with the result
-    request: Request
-    n_prompt: int
-    tokens: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None  # sampling only: per-row, so batching never changes a draw
-
-
-class Slots:
-    def __init__(self, count: int, max_new: int, eos_ids: set[int], ignore_eos: bool = False):
-        self.rows: list[Row | None] = [None] * count
+class Scheduler:
+    def __init__(self, slots: int, max_new: int, eos_ids: set[int], *, ignore_eos: bool, refill_at: int,
+                 compact: bool):
+        self.rows: list[Sequence | None] = [None] * slots
         self.max_new, self.eos_ids, self.ignore_eos = max_new, eos_ids, ignore_eos
+        self.refill_at, self.compact = refill_at, compact
 
     def free(self) -> list[int]:
         return [i for i, r in enumerate(self.rows) if r is None]
@@ -34,60 +25,75 @@ class Slots:
     def active(self) -> list[int]:
         return [i for i, r in enumerate(self.rows) if r is not None]
 
-    def place(self, slot: int, row: Row) -> None:
-        self.rows[slot] = row
+    def refill(self, exhausted: bool, left: Callable[[], int]) -> tuple[int, bool]:
+        """(how many queued rows to take now, whether to wait for them); `left()`: rows still queued.
 
-    def move(self, src: int, dst: int) -> None:
-        """The row in src now lives in the free slot dst (its cache entries were moved with it)."""
-        assert self.rows[dst] is None
-        self.rows[dst], self.rows[src] = self.rows[src], None
+        Refill once refill_at slots are free (fewer when fewer rows are left, any when nothing
+        decodes): each refill adds prompt rows to a step, while an empty slot costs nothing (eager)
+        or 1/max_batch_size of a step (graph capture). Wait for input only when nothing decodes.
+        """
+        free = self.rows.count(None)
+        idle = free == len(self.rows)
+        if free and not exhausted and (idle or free >= min(self.refill_at, left())):
+            return free, idle
+        return 0, idle
 
-    def position(self, slot: int) -> int:
-        """Cache position the slot's next token is written to (its last token was fed at position - 1)."""
-        row = self.rows[slot]
-        return row.n_prompt + len(row.tokens) - 1
+    def compaction(self) -> list[tuple[int, int, int]]:
+        """Move rows down until the live ones fill slots [0, k), so a step decodes k rows, not all:
+        an empty slot then costs nothing, where it would cost 1/max_batch_size of every step. Off
+        under graph capture, whose step must keep one shape. Returns the (src, dst, length) cache
+        moves to make, in order; the rows are already moved here."""
+        moves = []
+        while self.compact:
+            free, active = self.free(), self.active()
+            if not free or not active or free[0] > active[-1]:
+                break
+            src, dst = active[-1], free[0]
+            seq = self.rows[src]
+            moves.append((src, dst, seq.position))
+            self.rows[dst], self.rows[src] = seq, None
+            seq.slot = dst
+        return moves
 
-    def push(self, slot: int, token: int) -> Row | None:
-        """Record a generated token; returns the row (and frees its slot) when it is finished."""
-        row = self.rows[slot]
-        row.tokens.append(token)
+    @staticmethod
+    def assign(seqs: list[Sequence], free: list[int]) -> list[int]:
+        """Give `seqs` the first free slots, in order; returns the slots still free after them."""
+        for seq, slot in zip(seqs, free, strict=False):
+            seq.slot = slot
+        return free[len(seqs):]
+
+    def running(self) -> tuple[list[int], list[Sequence | None]]:
+        """(the live slots, the rows a step decodes): slots [0, last live one] when compacting, else all."""
+        active = self.active()
+        width = active[-1] + 1 if self.compact else len(self.rows)
+        return active, self.rows[:width]
+
+    def postprocess(self, active: list[int], tokens: list[int]) -> list[Sequence]:
+        """Record a step's token for each live slot; returns the rows that finished (their slots freed)."""
+        return [seq for i in active if (seq := self._push(i, tokens[i])) is not None]
+
+    def admit(self, placed: Iterable[tuple[Sequence, int]]) -> list[Sequence]:
+        """Prefilled rows take their slots with their first token; returns those already finished."""
+        finished = []
+        for seq, token in placed:
+            seq.encoded = seq.embeds = None  # in the cache now
+            self.rows[seq.slot] = seq
+            if self._push(seq.slot, token) is not None:
+                finished.append(seq)
+        return finished
+
+    def evict(self, active: list[int]) -> list[Sequence]:
+        """Take the rows out of these slots (their step failed)."""
+        out = [self.rows[i] for i in active]
+        for i in active:
+            self.rows[i] = None
+        return out
+
+    def _push(self, slot: int, token: int) -> Sequence | None:
+        seq = self.rows[slot]
+        seq.tokens.append(token)
         stop = not self.ignore_eos and token in self.eos_ids
-        if stop or len(row.tokens) >= self.max_new:
+        if stop or len(seq.tokens) >= self.max_new:
             self.rows[slot] = None
-            return row
+            return seq
         return None
-
-
-def finish(row: Row, eos_ids: set[int], decode) -> Result:
-    """The Result the HF engine would build from the same tokens."""
-    tokens = row.tokens
-    stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
-    kept = tokens if stop is None else tokens[:stop]
-    return Result(caption=decode(kept).strip(), n_prompt_tokens=row.n_prompt,
-                  n_output_tokens=len(tokens) if stop is None else stop + 1,
-                  finish_reason="length" if stop is None else "stop")
-
-
-def pick(logits: torch.Tensor, rows: list[Row | None], do_sample: bool, temperature: float,
-         top_p: float) -> list[int]:
-    """Next token per row of logits [n, vocab]; greedy is argmax like transformers (in fp32)."""
-    logits = logits.float()
-    if not do_sample:
-        return logits.argmax(-1).tolist()
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        probs = _top_p(probs, top_p)
-    out = []
-    for p, row in zip(probs, rows, strict=True):
-        gen = row.generator if row is not None else None
-        out.append(int(torch.multinomial(p, 1, generator=gen)) if row is not None else 0)
-    return out
-
-
-def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose mass reaches top_p (at least one), renormalised."""
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    drop = sorted_p.cumsum(-1) - sorted_p > top_p
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    kept = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return kept / kept.sum(-1, keepdim=True)

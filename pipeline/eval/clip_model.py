@@ -15,12 +15,9 @@ import logging
 import tempfile
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from pipeline.eval import ScoreError
 
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
-
-class ScoreError(ConfigError):
-    """A bad argument, a missing file or a directory that is not a run output: one line, exit 2."""
 
 
 @contextlib.contextmanager

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pipeline.config import JobConfig
+from pipeline.config import RunConfig
 from pipeline.data.manifest import Shard
 from pipeline.data.output import OutputDir
 from pipeline.executors.leases import Leases, new_owner
+from pipeline.executors.pool import Pool, Progress, drive
 from pipeline.executors.shard_queue import ShardQueue
 
 
-def make_pool(cfg: JobConfig, record: dict, workers: list[str], n_shards: int, load: Callable):
+def make_pool(run: RunConfig, record: dict, workers: list[str], n_shards: int, load: Callable
+              ) -> tuple[Pool, dict]:
     """The pool for this job and the lease owner it works for. Built before anything is written,
     so an unreachable Ray cluster or a model that fails to load in-process stops the job cleanly."""
     owner = new_owner()
-    if cfg.run.executor == "ray":
+    if run.executor == "ray":
         from pipeline.executors.ray import RayPool
 
-        return RayPool(record, cfg.run, owner, n_shards), owner
+        return RayPool(record, run, owner, n_shards), owner
     if len(workers) > 1:
         from pipeline.executors.procs import ProcPool
 
@@ -33,22 +35,14 @@ def make_pool(cfg: JobConfig, record: dict, workers: list[str], n_shards: int, l
     return InProcessPool(load(workers[0]), owner, workers[0]), owner
 
 
-def run_pool(pool, owner: dict, cfg: JobConfig, out: OutputDir, mine: list[Shard], others: list[Shard]
-             ) -> tuple[int, dict[int, str]]:
+def run_pool(pool: Pool, owner: dict, run: RunConfig, out: OutputDir, mine: list[Shard], others: list[Shard],
+             chunk_rows: int) -> tuple[int, dict[int, str]]:
     """(rows captioned by this run, {shard: error} of shards that failed every retry)."""
-    from pipeline.executors.pool import Progress, drive
-
-    with Leases(out.root, cfg.run.lease_timeout_s, owner) as leases:
-        queue = ShardQueue(out, leases, mine, others, cfg.run.max_retries)
-        progress = Progress(_remaining(out, mine + others, cfg.output.chunk_rows), cfg.run.progress)
+    with Leases(out.root, run.lease_timeout_s, owner) as leases:
+        queue = ShardQueue(out, leases, mine, others, run.max_retries)
+        progress = Progress(_remaining(out, mine + others, chunk_rows), run.progress)
         try:
-            def run() -> None:
-                drive(pool, queue, progress, cfg.run.max_retries)
-
-            if hasattr(pool, "serve"):  # in-process: shards on this thread, the driver beside it
-                pool.serve(run)
-            else:
-                run()
+            pool.serve(lambda: drive(pool, queue, progress, run.max_retries))
         finally:
             progress.close()
     return progress.rows, queue.failed

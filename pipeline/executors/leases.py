@@ -104,11 +104,6 @@ class Leases:
         _, lease = self._top(shard)
         return bool(lease) and lease.get("owner", {}).get("id") == self.owner["id"]
 
-    def holder(self, shard: int) -> dict | None:
-        """The owner of the live lease on `shard`, or None when nobody (alive) holds it."""
-        _, lease = self._top(shard)
-        return None if lease is None or self._stale(lease) else lease["owner"]
-
     def acquire(self, shard: int) -> bool:
         self.dir.mkdir(parents=True, exist_ok=True)
         gen, lease = self._top(shard)

@@ -1,4 +1,4 @@
-"""The driver loop shared by the worker-process pool and the Ray actor pool.
+"""The driver loop all pools share (in-process, worker processes, Ray actors), and `Pool`, what it drives.
 
 A pool owns N slots (one per device), starts a worker in each and reports events:
 (slot, "ready" | "chunk" | "done" | "lost" | "error" | "died", message). The driver hands shards
@@ -9,10 +9,38 @@ dying before it is ready (broken device, model that cannot load) is given up aft
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Protocol
 
 from tqdm import tqdm
 
 from pipeline.executors.shard_queue import ShardQueue
+from pipeline.logs import log
+
+Event = tuple[int, str, dict]  # (slot, kind, message)
+
+
+class Pool(Protocol):
+    """What the driver needs of an executor."""
+
+    slots: list[int]
+    devices: list[str]  # per slot: the device its worker runs on
+
+    def start(self, slot: int) -> None:
+        """(Re)start the worker in `slot`; it reports "ready", or "died" if it cannot start."""
+
+    def submit(self, slot: int, shard: int) -> None:
+        """Hand `shard` to the ready worker in `slot`."""
+
+    def event(self, timeout: float) -> Event | None:
+        """The next event, or None when none came within `timeout` seconds."""
+
+    def serve(self, drive: Callable[[], None]) -> None:
+        """Run `drive` (the driver loop) to its end. Pools whose workers run elsewhere just call it;
+        the in-process pool runs the shards on this thread meanwhile."""
+
+    def close(self) -> None:
+        """Stop every worker."""
 
 
 class Progress:
@@ -31,11 +59,7 @@ class Progress:
         self.bar.close()
 
 
-def log(message: str) -> None:
-    print(f"llava-batch: {message}", file=sys.stderr, flush=True)
-
-
-def drive(pool, queue: ShardQueue, progress: Progress, max_retries: int) -> None:
+def drive(pool: Pool, queue: ShardQueue, progress: Progress, max_retries: int) -> None:
     """Run until every shard of this run's share is done or failed; the workers stop either way."""
     try:
         _Driver(pool, queue, progress, max_retries).run()
@@ -44,7 +68,7 @@ def drive(pool, queue: ShardQueue, progress: Progress, max_retries: int) -> None
 
 
 class _Driver:
-    def __init__(self, pool, queue: ShardQueue, progress: Progress, max_retries: int):
+    def __init__(self, pool: Pool, queue: ShardQueue, progress: Progress, max_retries: int):
         self.pool, self.queue, self.progress, self.max_retries = pool, queue, progress, max_retries
         self.idle: set[int] = set()
         self.current: dict[int, object] = {}  # slot -> the shard it works on
@@ -90,8 +114,8 @@ class _Driver:
         elif not msg.get("was_ready"):
             self.start_failures[slot] += 1
         if self.start_failures[slot] > self.max_retries:
-            log(f"worker {slot} ({self.pool.devices[slot]}) failed to start {self.start_failures[slot]} times; "
-                "giving up on it")
+            log.warning(f"worker {slot} ({self.pool.devices[slot]}) failed to start "
+                        f"{self.start_failures[slot]} times; giving up on it")
             del self.start_failures[slot]
             return
         self.pool.start(slot)
@@ -100,7 +124,7 @@ class _Driver:
 def _retry(queue: ShardQueue, shard, error: str) -> None:
     queue.died(shard, error)
     if shard.index in queue.failed:
-        log(f"shard {shard.index} FAILED after {queue.attempts[shard.index]} attempts: {error}")
+        log.warning(f"shard {shard.index} FAILED after {queue.attempts[shard.index]} attempts: {error}")
     else:
-        log(f"{error}; retrying shard {shard.index} from its last committed chunk "
-            f"(attempt {queue.attempts[shard.index] + 1})")
+        log.warning(f"{error}; retrying shard {shard.index} from its last committed chunk "
+                    f"(attempt {queue.attempts[shard.index] + 1})")

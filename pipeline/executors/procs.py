@@ -1,7 +1,7 @@
 """Worker processes on this host, one per device (data parallel).
 
-Each worker is a fresh `python -m pipeline.worker` process with its accelerator made the only
-visible one in its environment, set before torch starts, so nothing here touches device state
+Each worker is a fresh `python -m pipeline.executors.worker` process with its accelerator made the
+only visible one in its environment, set before torch starts, so nothing here touches device state
 and nothing is forked from a process that has. A worker that dies is started again.
 """
 
@@ -13,6 +13,7 @@ import queue
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pipeline
@@ -69,6 +70,9 @@ class ProcPool:
                 return None
             if gen == self.gen[slot]:  # drop what a replaced worker said last
                 return slot, kind, msg
+
+    def serve(self, drive: Callable[[], None]) -> None:
+        drive()  # the workers are other processes: nothing to run on this thread
 
     def close(self) -> None:
         for proc in self.procs.values():

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 
-from pipeline import devices
+from pipeline import devices, logs
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 
@@ -21,6 +22,7 @@ class ShardActor:
     def __init__(self, record: dict, device: str, owner: dict):
         from pipeline.executors.worker import ShardWorker
 
+        logs.setup()  # an actor is a fresh process: its messages reach the driver through its stderr
         self.worker = ShardWorker(record, device, owner)
 
     def ready(self) -> int:
@@ -101,6 +103,9 @@ class RayPool:
         # Ray reports a shard only when it ends: progress moves per shard.
         self.queued.append((slot, "lost" if value.get("lost") else "done", value))
         return slot, "chunk", {"rows": value["rows"], "errors": value.get("stats", {}).get("errors", 0)}
+
+    def serve(self, drive: Callable[[], None]) -> None:
+        drive()  # the actors run elsewhere: nothing to run on this thread
 
     def close(self) -> None:
         for actor in self.actors:

@@ -7,7 +7,6 @@ the queue until it has used its retries; then it gets a `.failed.json` marker an
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 
@@ -93,7 +92,3 @@ class ShardQueue:
         self.todo.clear()
         self.busy.clear()
         self.steal.clear()
-
-
-def describe_failures(failed: dict[int, str]) -> str:
-    return "; ".join(f"shard {s}: {json.dumps(e)[:200]}" for s, e in sorted(failed.items()))

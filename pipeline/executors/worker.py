@@ -1,7 +1,7 @@
 """One worker: the model loaded once on one device, captioning the shards it is handed.
 
-Used in-process (one device), as a subprocess (`python -m pipeline.worker`, one per local device)
-and inside a Ray actor. The process that owns the shard queue holds the leases; a worker only
+Used in-process (one device), as a subprocess (`python -m pipeline.executors.worker`, one per local
+device) and inside a Ray actor. The process that owns the shard queue holds the leases; a worker only
 checks, after each chunk it commits, that its owner still holds the shard's lease, and stops the
 shard if not (the run that took the lease over finishes it).
 
@@ -21,6 +21,7 @@ import threading
 import traceback
 from collections.abc import Callable
 
+from pipeline import logs
 from pipeline.config import from_dict
 from pipeline.data.manifest import Shard, open_manifest
 from pipeline.data.output import OutputDir
@@ -65,6 +66,7 @@ class ShardWorker:
 
 
 def _serve(argv: list[str]) -> int:
+    logs.setup()  # stderr is the parent's: what the worker logs shows up in the job's output
     device, owner_json = argv
     record = json.loads(sys.stdin.readline())  # the parent's own record: _job.json may be another run's
     proto = os.fdopen(os.dup(1), "w", buffering=1)

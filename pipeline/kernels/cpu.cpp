@@ -1,3 +1,7 @@
+// llava-batch's CPU ops (pipeline/kernels/cpu.py builds and loads them): decode attention with rope and the
+// cache write fused in, RMSNorm and rope. One file, over the ~300 lines a module is kept to, on purpose: the
+// AVX-512, AVX2 and plain C++ paths are one algorithm written once over the small `V` vector layer below, and
+// splitting them apart would let the three drift.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -264,7 +268,7 @@ inline void weighted_sum(const float* p, const T* v, int64_t n, int64_t stride, 
 }
 
 // A decode step reads each layer's cache cold (the other layers and the weights evict it); the
-// hardware prefetcher ramps up too slowly over one slot's few-KB rows (3x slower than warm here).
+// hardware prefetcher ramps up too slowly over one slot's few-KB rows, so we prefetch ahead ourselves.
 constexpr int64_t kPrefetchRows = 8;
 
 template <typename T>

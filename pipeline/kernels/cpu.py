@@ -2,14 +2,14 @@
 fused ops of a decoder layer.
 
 Decode attention: torch's CPU SDPA is built for long queries. For one query row it reads the cache
-window through small GEMMs at a fraction of memory bandwidth (fp32, 16 slots, 160 positions: ~700 us
-a layer in a decode step on the dev VM), its bf16 path is slower still, and it must read every slot
-up to the longest one's position. Ours streams each slot's keys and values once, up to that slot's
-own length, in the cache's dtype (bf16 halves the bytes), accumulating in fp32 as SDPA does.
+window through small GEMMs at a fraction of memory bandwidth, its bf16 path is slower still, and it
+must read every slot up to the longest one's position. Ours streams each slot's keys and values once,
+up to that slot's own length, in the cache's dtype (bf16 halves the bytes), accumulating in fp32 as
+SDPA does.
 
-RMSNorm and the rotary embedding: at decode shapes each is 6-12 eager torch ops of a few
-microseconds (24 and 36 us at 16 rows, bf16); ours are one call each (10 and 13 us), rounding at the
-same points as the transformers code they replace (bit-identical but for the order of the RMS sum).
+RMSNorm and the rotary embedding: at decode shapes each is a chain of small eager torch ops, each
+paying its fixed cost; ours are one call each, rounding at the same points as the transformers code
+they replace (bit-identical but for the order of the RMS sum).
 
 Compiled with the machine's C++ compiler (torch.utils.cpp_extension, cached in
 TORCH_EXTENSIONS_DIR), registered as `torch.ops.llava_batch.*`. Every CPU kind builds it: the
@@ -28,12 +28,12 @@ import logging
 import os
 import platform
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.logs import log
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 MAX_HEAD_DIM = 512
@@ -89,7 +89,7 @@ def selected() -> str | None:
 
 @functools.cache
 def build(variant: str):
-    """The ops of one build, compiled and loaded once per process; None (said once on stderr) when
+    """The ops of one build, compiled and loaded once per process; None (said once) when
     that fails: no compiler, no headers, a compiler that does not know this CPU."""
     # Importing cpp_extension warns that there is no CUDA runtime, which CPU kernels do not need.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -105,8 +105,7 @@ def build(variant: str):
         ops.rope  # noqa: B018 - raises when the library did not register
         return ops
     except Exception as e:  # noqa: BLE001 - the engine falls back to SDPA and torch's ops
-        print(f"llava-batch: CPU kernels ({variant}) unavailable ({type(e).__name__}: {e}); using SDPA",
-              file=sys.stderr)
+        log.warning(f"CPU kernels ({variant}) unavailable ({type(e).__name__}: {e}); using SDPA")
         return None
 
 
@@ -127,7 +126,7 @@ def _build_lock(name: str, cpp_extension):
         fcntl.flock(held, fcntl.LOCK_EX)
         stale = build_dir / "lock"
         if stale.exists():
-            print(f"llava-batch: removing a dead build's lock ({stale})", file=sys.stderr)
+            log.warning(f"removing a dead build's lock ({stale})")
             stale.unlink(missing_ok=True)
         yield
 

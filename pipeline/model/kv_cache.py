@@ -15,8 +15,8 @@ from pipeline.kernels import cpu as cpu_kernels
 
 # Decode attends over the first `window` cache positions only, rounded up to a multiple of the bucket:
 # reading the whole max_input_length + max_output_length cache each step would cost more than the
-# weights. Eager steps use fine buckets (attention is ~1 ms of a 10 ms step per 64 positions on the dev
-# CPU); captured graphs coarse ones, so there are few shapes to capture.
+# weights. Eager steps use fine buckets (every position read past the longest row is attention time
+# wasted); captured graphs coarse ones, so there are few shapes to capture.
 WINDOW_BUCKET = 32
 GRAPH_WINDOW_BUCKET = 128
 

@@ -7,29 +7,19 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoProcessor,
-    LlavaForConditionalGeneration,
-    LlavaNextForConditionalGeneration,
-    LlavaNextVideoForConditionalGeneration,
-)
+from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
-from pipeline import devices
+import quant
+from pipeline import devices, families
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError
+from pipeline.logs import log
 
-MODEL_CLASSES = {
-    "llava": LlavaForConditionalGeneration,
-    "llava_next": LlavaNextForConditionalGeneration,
-    "llava_next_video": LlavaNextVideoForConditionalGeneration,
-}
+MODEL_CLASSES = {family: families.model_class(name) for family, name in families.CLASS_NAMES.items()}
 
 # The conversation formats the llava-hf model cards give, for model dirs without a chat template.
 _VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -72,14 +62,10 @@ def inspect_model(cfg: ModelConfig) -> ModelInfo:
     if family not in MODEL_CLASSES:
         raise ConfigError(f"model.path: model_type {family!r} is not a LLaVA family we support "
                           f"({', '.join(MODEL_CLASSES)})")
-    quantized = _is_quantized(path)
+    quantized = quant.is_quantized(path)
     if not quantized and not any(path.glob("*.safetensors")):
         raise ConfigError(f"model.path: no *.safetensors weights in {path} (other formats are refused)")
     return ModelInfo(path, family, config, quantized)
-
-
-def _is_quantized(path: Path) -> bool:
-    return any((path / n).is_file() for n in ("quant_model_description.json", "quant_model_description_w8a16.json"))
 
 
 def text_config(info: ModelInfo):
@@ -100,8 +86,8 @@ def _use_pil_images(processor, info: ModelInfo) -> None:
     picks by default. Both follow the checkpoint's preprocessor config; PIL is transformers' reference
     implementation (what llava-hf checkpoints were preprocessed with under transformers 4), and it runs
     no torch ops. Torch ops on the fast engine's feeder thread start a second OpenMP team, and libgomp
-    with more threads than cores cuts spin-waiting short for all of them: W1 on the dev CPU went from
-    948-1031 to 1131-1139 tokens/s with PIL. Video processors have no PIL backend and stay as they are.
+    with more threads than cores cuts spin-waiting short for all of them, which slows the decode
+    steps (benchmarks/workloads.py w1 shows it). Video processors have no PIL backend and stay as they are.
     """
     if getattr(processor, "image_processor", None) is None:
         return
@@ -115,9 +101,7 @@ def _use_pil_images(processor, info: ModelInfo) -> None:
 def load_model(info: ModelInfo, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
     cls = MODEL_CLASSES[info.family]
     if info.quantized:
-        from quant import load_quantized_model
-
-        model = load_quantized_model(cls, info.path, device=device, dtype=dtype)
+        model = quant.load_quantized_model(cls, info.path, device=device, dtype=dtype)
     else:
         model = cls.from_pretrained(
             info.path, dtype=dtype, device_map={"": str(device)}, use_safetensors=True,
@@ -127,7 +111,7 @@ def load_model(info: ModelInfo, device: torch.device, dtype: torch.dtype, trust_
 
 
 def compute_dtype(info: ModelInfo, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """devices.compute_dtype for this model's float weights, said once on stderr when it differs."""
+    """devices.compute_dtype for this model's float weights, said once when it differs."""
     if info.quantized:  # W8A16 dirs keep the dtype their int8 kernels take
         return dtype
     weight_bytes = sum(f.stat().st_size for f in info.path.glob("*.safetensors"))
@@ -139,16 +123,14 @@ def compute_dtype(info: ModelInfo, dtype: torch.dtype, device: torch.device) -> 
 
 @functools.cache
 def _say_once(message: str) -> None:
-    print(f"llava-batch: {message}", file=sys.stderr)
+    log.warning(message)
 
 
 def describe(info: ModelInfo) -> str:
     """The `model` output column: the model name, plus its quantization when it has one."""
     if not info.quantized:
         return info.name
-    from quant import describe as describe_quant
-
-    return f"{info.name} ({describe_quant(info.path)})"
+    return f"{info.name} ({quant.describe(info.path)})"
 
 
 def conversation_format(info: ModelInfo) -> str:

@@ -28,6 +28,10 @@ def _decode_bytes(data: bytes, **kw) -> Media:
     return decode_media(io.BytesIO(data), **kw)
 
 
+def _n_frames(media: Media) -> int | None:
+    return None if media.frames is None else int(media.frames.shape[0])
+
+
 def _save(im: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, fmt, **kw)
@@ -84,7 +88,7 @@ def test_jpeg_exif_orientation_is_applied():
     data = _save(Image.new("RGB", (40, 20), (200, 30, 30)), "JPEG", exif=exif.tobytes())
     m = _decode_bytes(data)
     assert m.kind == "image" and m.image.mode == "RGB" and m.image.size == (20, 40)
-    assert m.n_frames is None and m.frames is None
+    assert _n_frames(m) is None and m.frames is None
 
 
 def test_rgba_png_is_composited_on_white():
@@ -187,7 +191,7 @@ def test_content_wins_over_kind_hint():
 def test_video_frames_sampled_uniformly_by_time(cfr_mp4):
     m = _decode_path(cfr_mp4, video_frames=8)
     assert m.kind == "video" and m.image is None and m.frames.dtype == np.uint8
-    assert m.frames.shape == (8, 48, 64, 3) and m.n_frames == 8
+    assert m.frames.shape == (8, 48, 64, 3) and _n_frames(m) == 8
     pts = [round(k * 1000 / 30) for k in range(30)]
     assert _indices(m) == _expected_by_time(cfr_mp4, pts, 8)
     assert _indices(m) == [2, 6, 10, 14, 17, 21, 25, 29]  # centres of 8 segments of 1 s at 30 fps
@@ -214,13 +218,13 @@ def test_short_video_returns_each_frame_once(tmp_path):
     for name in ("three.mp4", "three.mkv"):  # mp4 knows its frame count, Matroska does not
         path = _write_video(tmp_path / name, [0, 33, 67])
         m = _decode_path(path, video_frames=8)
-        assert m.n_frames == 3 and _indices(m) == [0, 1, 2], name
+        assert _n_frames(m) == 3 and _indices(m) == [0, 1, 2], name
 
 
 def test_video_named_jpg_is_decided_by_content(tmp_path, cfr_mp4):
     path = tmp_path / "clip.jpg"
     path.write_bytes(cfr_mp4.read_bytes())
-    assert _decode_path(path, video_frames=4, kind_hint="image").n_frames == 4
+    assert _n_frames(_decode_path(path, video_frames=4, kind_hint="image")) == 4
 
 
 def test_truncated_video(tmp_path, cfr_mp4):
@@ -233,8 +237,8 @@ def test_truncated_video(tmp_path, cfr_mp4):
     path = _write_video(tmp_path / "f.mp4", pts, size=(128, 96), noise=40, options={"movflags": "faststart"})
     data = path.read_bytes()
     m = _decode_bytes(data[: len(data) // 2], video_frames=8)
-    assert 1 <= m.n_frames < 8 and m.frames.shape[1:] == (96, 128, 3)
-    assert len({f.tobytes() for f in m.frames}) == m.n_frames
+    assert 1 <= _n_frames(m) < 8 and m.frames.shape[1:] == (96, 128, 3)
+    assert len({f.tobytes() for f in m.frames}) == _n_frames(m)
 
 
 @pytest.mark.parametrize(("name", "codec"), [("a.wav", "pcm_s16le"), ("a.m4a", "aac")])

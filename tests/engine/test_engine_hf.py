@@ -57,3 +57,21 @@ def test_rows_over_max_input_length_are_errors_the_rest_generate(engine_parts):
     results = engine.generate([requests[0], long, requests[1]])
     assert results[1].error.startswith("prompt too long") and results[1].n_prompt_tokens > 20
     assert results[0].error is None and results[2].error is None
+
+
+def test_stream_runs_batches_and_a_failing_batch_row_by_row(engine_parts, monkeypatch):
+    model, processor, requests = engine_parts
+    engine = HFEngine(model, processor, GenerationConfig(max_output_length=8, max_batch_size=2), torch.device("cpu"))
+    expected = [engine.generate(requests[i:i + 2]) for i in range(0, 5, 2)]
+    assert [res for _, res in engine.generate_stream(iter(requests))] == [r for batch in expected for r in batch]
+    real = engine.generate
+
+    def fails_with_row_2(batch):
+        if any(r.row_index == 2 for r in batch):
+            raise ValueError("bad pixels")
+        return real(batch)
+
+    monkeypatch.setattr(engine, "generate", fails_with_row_2)
+    out = {req.row_index: res for req, res in engine.generate_stream(requests)}
+    assert out[2].error == "generation failed: ValueError: bad pixels"
+    assert out[3] == engine.generate([requests[3]])[0] and out[0] == expected[0][0]

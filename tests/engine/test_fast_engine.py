@@ -11,8 +11,9 @@ import torch
 
 from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.data.media import decode_media
+from pipeline.engine import make_engine
 from pipeline.engine.base import Request
-from pipeline.engine.fast import FastEngine, make_engine
+from pipeline.engine.fast import FastEngine
 from pipeline.engine.hf import HFEngine
 from pipeline.model import decoder, loader, packed_linear
 from pipeline.testing.demo import synthetic_image, write_video
@@ -134,6 +135,24 @@ def test_steps_decode_only_the_live_rows(loaded, tmp_path, monkeypatch):
     results = FastEngine(model, processor, gen, CPU).generate(reqs)
     assert min(widths) < 4 and max(widths) == 4
     assert results == HFEngine(model, processor, gen, CPU).generate(reqs)
+
+
+def test_without_compaction_every_step_is_full_width_and_nothing_changes(loaded, tmp_path, monkeypatch):
+    """Graph capture keeps rows where they are (one step shape): empty slots then ride along unread."""
+    info, processor, model = loaded("llava")
+    reqs = make_requests(info, processor, tmp_path, n_images=6)
+    gen = GenerationConfig(max_batch_size=4, max_output_length=MAX_NEW)
+    expected = FastEngine(model, processor, gen, CPU).generate(reqs)
+    widths, step = [], decoder.decode_step
+
+    def recording(lm, cache, tokens, *args):
+        widths.append(len(tokens))
+        return step(lm, cache, tokens, *args)
+
+    monkeypatch.setattr(decoder, "decode_step", recording)
+    engine = FastEngine(model, processor, gen, CPU)
+    engine.compact = False
+    assert engine.generate(reqs) == expected and set(widths) == {4}
 
 
 def test_sixteen_rows_sixteen_slots_match_hf_engine(loaded, tmp_path):

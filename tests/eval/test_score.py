@@ -4,7 +4,6 @@ open_clip called directly as the oracle for every per-row score."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -19,8 +18,10 @@ from PIL import Image
 open_clip = pytest.importorskip("open_clip")  # the `eval` extra
 torch = pytest.importorskip("torch")
 
-from pipeline.eval import clip_score as score_mod  # noqa: E402
-from pipeline.eval.clip_score import ScoreError, add_parser, cli, score  # noqa: E402
+from pipeline.cli import main  # noqa: E402
+from pipeline.eval import ScoreError  # noqa: E402
+from pipeline.eval import media_reader as media_reader_mod  # noqa: E402
+from pipeline.eval.clip_score import score  # noqa: E402
 from pipeline.eval.report import token_agreement  # noqa: E402
 
 TINY_CLIP = {
@@ -191,7 +192,7 @@ def test_video_row_is_the_mean_over_the_sampled_frames(ab_runs, images, clip, mo
         seen["video_frames"] = video_frames
         return Media(kind="video", frames=np.stack([np.asarray(f) for f in frames]))
 
-    monkeypatch.setattr(score_mod, "_decode", fake_decode)
+    monkeypatch.setattr(media_reader_mod, "_decode", fake_decode)
     score(ab_runs[0], clip_model=clip.config, clip_weights=clip.bin, out_dir=tmp_path / "rep", batch_size=2)
     assert seen["video_frames"] == 8  # the job's generation.video_frames
     table = pq.read_table(tmp_path / "rep" / "scores.parquet").to_pylist()
@@ -215,9 +216,7 @@ def test_unreadable_media_is_counted_and_left_out(ab_runs, images, clip, tmp_pat
 
 
 def _run_cli(argv):
-    parser = argparse.ArgumentParser(prog="llava-batch")
-    add_parser(parser.add_subparsers(dest="command"))
-    return cli(parser.parse_args(["score", *argv]))
+    return main(["score", *argv])
 
 
 @pytest.mark.parametrize("case", ["missing_weights", "wrong_name", "not_a_run", "no_config", "bad_weights", "hub"])

@@ -9,11 +9,20 @@ import time
 from pipeline.executors.leases import Leases
 
 
+def _holder(leases: Leases, shard: int) -> dict | None:
+    """The owner in the newest lease file of `shard`, read off disk; None when there is none or it expired."""
+    files = sorted(leases.dir.glob(f"shard-{shard:05d}.gen-*.json"))  # zero-padded: name order = generation
+    if not files:
+        return None
+    lease = json.loads(files[-1].read_text())
+    return lease["owner"] if lease["expires"] > time.time() else None
+
+
 def test_exclusive_until_released(tmp_path):
     a, b = Leases(tmp_path, 60), Leases(tmp_path, 60)
     assert a.acquire(0) and a.acquire(0), "re-acquiring one's own lease is fine"
     assert not b.acquire(0)
-    assert a.owns(0) and not b.owns(0) and b.holder(0)["id"] == a.owner["id"]
+    assert a.owns(0) and not b.owns(0) and _holder(b, 0)["id"] == a.owner["id"]
     assert b.acquire(1), "other shards are free"
     a.release(0)
     assert b.acquire(0) and b.owns(0)
