@@ -1,16 +1,25 @@
 """`llava-batch run|status|tiny-model|quantize|bench|score`.
 
 Exit codes: 0 done (row errors are counted, not fatal, unless run.max_error_rate is exceeded),
-2 bad arguments or configuration (one line on stderr, nothing written), 1 anything else.
+2 bad arguments or configuration (one line on stderr, nothing written), 130 / 143 stopped by SIGINT /
+SIGTERM (one line; a rerun resumes), 1 anything else.
 A `LlavaBatchError` is one line on stderr and its own exit_code; anything else is a bug and keeps
-its traceback. Heavy imports (torch, transformers) happen inside the commands so `--help` stays instant.
+its traceback. Heavy imports (torch, transformers) happen inside the commands, and `run` checks the
+config, manifest and model dir before them, so `--help` and a bad job stay instant.
+
+SIGTERM is what Slurm, Kubernetes and `timeout` send first: it stops a run the way Ctrl-C does (an
+interrupt on the main thread, so the shard stops at the next row, workers stop and the leases are
+released), then exits 128 + 15 as schedulers expect.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 
 from pipeline import logs
 from pipeline.errors import LlavaBatchError
@@ -24,9 +33,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _cmd_run(args) -> int:
     from pipeline.config import load_job
+
+    cfg = load_job(args.job, args.set or [])  # a bad job file is refused before the job's imports
     from pipeline.job import run_job
 
-    summary = run_job(load_job(args.job, args.set or []))
+    summary = run_job(cfg)
     print(summary.line())
     return summary.exit_code
 
@@ -136,17 +147,50 @@ def _report(args, error: LlavaBatchError) -> None:
         log.error(f"error: {error}")
 
 
+_STOP_NAMES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGINT and SIGTERM raise KeyboardInterrupt on the main thread; yields the signal seen first.
+
+    Only the first SIGTERM raises: a second one (or one after Ctrl-C) must not cut short the cleanup
+    the first started (workers stopping, leases released). A second Ctrl-C still raises, a person's
+    way to insist.
+    """
+    seen: list[int] = []
+
+    def on_signal(signum, frame):
+        if seen and signum != signal.SIGINT:
+            return
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works on it alone
+        yield seen
+        return
+    before = {sig: signal.signal(sig, on_signal) for sig in _STOP_NAMES}
+    try:
+        yield seen
+    finally:
+        for sig, handler in before.items():
+            if handler is not None:  # None: installed outside Python, nothing to put back
+                signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     logs.setup()
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except LlavaBatchError as e:
-        _report(args, e)
-        return e.exit_code
-    except KeyboardInterrupt:
-        log.warning("interrupted; rerun the same command to resume")
-        return 130
+    with _stop_signals() as seen:
+        try:
+            return args.func(args)
+        except LlavaBatchError as e:
+            _report(args, e)
+            return e.exit_code
+        except KeyboardInterrupt:
+            signum = seen[0] if seen else signal.SIGINT
+            log.warning(f"{_STOP_NAMES[signum]}; rerun the same command to resume")
+            return 128 + signum
 
 
 if __name__ == "__main__":

@@ -73,6 +73,8 @@ class OutputConfig:
 class RunConfig:
     max_error_rate: float = 1.0
     decode_workers: int = 4
+    # Deadline for one row's read + decode: a hung mount or a pathological file errors that row alone.
+    decode_timeout_s: float = 120.0
     progress: bool = True
     # Scale-out (pipeline/executors): one worker per device entry; "auto" = every accelerator, else one CPU.
     devices: list[str] = field(default_factory=lambda: ["auto"])
@@ -83,6 +85,9 @@ class RunConfig:
     node_rank: int = 0
     steal: bool = False
     lease_timeout_s: float = 60.0
+    # Longest a worker on a shard may go without a sign of progress (rows out of its engine, a chunk
+    # committed) before it counts as hung and is replaced; above the slowest batch. Loading is not timed.
+    worker_timeout_s: float = 600.0
 
 
 @dataclass
@@ -224,6 +229,8 @@ def validate(cfg: JobConfig) -> None:
     _require(o.mode in ("resume", "overwrite"), f"output.mode must be resume|overwrite, got {o.mode!r}")
     _require(0 <= r.max_error_rate <= 1, f"run.max_error_rate must be in [0, 1], got {r.max_error_rate}")
     _require(r.decode_workers >= 1, f"run.decode_workers must be >= 1, got {r.decode_workers}")
+    _require(0 < r.decode_timeout_s < float("inf"),
+             f"run.decode_timeout_s must be > 0 (seconds), got {r.decode_timeout_s}")
     _validate_scaleout(r, o)
 
 
@@ -236,6 +243,8 @@ def _validate_scaleout(r: RunConfig, o: OutputConfig) -> None:
     _require(r.num_nodes >= 1, f"run.num_nodes must be >= 1, got {r.num_nodes}")
     _require(0 <= r.node_rank < r.num_nodes, f"run.node_rank must be in [0, {r.num_nodes}), got {r.node_rank}")
     _require(r.lease_timeout_s > 0, f"run.lease_timeout_s must be > 0, got {r.lease_timeout_s}")
+    _require(0 < r.worker_timeout_s < float("inf"),
+             f"run.worker_timeout_s must be > 0 (seconds), got {r.worker_timeout_s}")
     # Each node would wipe the others' chunks.
     _require(r.num_nodes == 1 or o.mode == "resume", "output.mode = \"overwrite\" needs run.num_nodes = 1")
 

@@ -1,36 +1,40 @@
 """process_shard(): read -> decode -> batch -> generate -> write -> commit, for one shard.
 
 Decoding runs in a thread pool a bounded window ahead of generation, across chunk boundaries,
-so the device does not wait on Pillow/PyAV. Every row goes to the engine's stream tagged with its
-chunk (`Request.group`): the hf engine's batches never span chunks, so a chunk's captions depend only
-on its own rows; the fast engine takes rows one at a time across chunk boundaries. Results come back
-in any order, and a chunk commits once all its rows have results, so chunks stay the plan's fixed
-row ranges, which exactly-once relies on.
+so the device does not wait on Pillow/PyAV; each row's read + decode has a deadline
+(run.decode_timeout_s), after which the row is an error and the job goes on. Every row goes to the
+engine's stream tagged with its chunk (`Request.group`): the hf engine's batches never span chunks,
+so a chunk's captions depend only on its own rows; the fast engine takes rows one at a time across
+chunk boundaries. Results come back in any order, and a chunk commits once all its rows have
+results, so chunks stay the plan's fixed row ranges, which exactly-once relies on.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import re
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from pipeline import devices
 from pipeline.config import JobConfig
-from pipeline.data.manifest import Chunk, Manifest, Shard
+from pipeline.data.manifest import Chunk, Manifest, Shard, repair_utf8
 from pipeline.data.media import MediaError, decode_media
 from pipeline.data.output import RESULT_FIELDS, OutputDir, passthrough_name, shard_stats
 from pipeline.data.sources import MediaSource, SourceError
 from pipeline.engine import check_cache_fits, make_engine
 from pipeline.engine.base import Engine, Request, Result
+from pipeline.errors import LlavaBatchError
 from pipeline.model import loader
-from pipeline.model.loader import ModelInfo, build_prompt
+from pipeline.model.inspect import ModelInfo
+from pipeline.model.loader import build_prompt
 
 
 @dataclass
@@ -47,12 +51,28 @@ class JobContext:
     def __post_init__(self):
         self.source = MediaSource(self.cfg.input)
         self._prompts: dict[tuple[str, str], str] = {}
+        self._specials = _special_tokens(self.processor)
+
+    def special_token_in(self, text: str) -> str | None:
+        """The first of the tokenizer's special tokens in `text`: the tokenizer would read it as the
+        real control token (an end of turn, a BOS, an image placeholder) even inside the chat template."""
+        found = self._specials.search(text) if self._specials else None
+        return found.group(0) if found else None
 
     def prompt_for(self, text: str, kind: str) -> str:
         key = (text, kind)
         if key not in self._prompts:
             self._prompts[key] = build_prompt(self.processor, self.info, text, kind)
         return self._prompts[key]
+
+
+def _special_tokens(processor) -> re.Pattern | None:
+    tok = getattr(processor, "tokenizer", processor)
+    tokens = set(getattr(tok, "all_special_tokens", None) or ())
+    tokens |= {t.content for t in (getattr(tok, "added_tokens_decoder", None) or {}).values() if t.special}
+    tokens.discard("")
+    # Longest first, so "<|im_end|>" is reported rather than a shorter token inside it.
+    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True)))) if tokens else None
 
 
 def open_context(cfg: JobConfig, manifest: Manifest, out: OutputDir, info: loader.ModelInfo, model_name: str,
@@ -79,26 +99,33 @@ class Item:
     error: str | None = None
 
 
-def _chunk_tables(ctx: JobContext, chunks: list[Chunk]) -> Iterator[tuple[Chunk, pa.Table]]:
+def _chunk_tables(ctx: JobContext, chunks: list[Chunk]) -> Iterator[tuple[Chunk, pa.Table, dict[int, str]]]:
+    """Each chunk's rows as one table, invalid UTF-8 replaced, with {position: why} for those rows."""
     for chunk in chunks:
         batches = [b for _, b in ctx.manifest.iter_rows(chunk.start, chunk.stop)]
-        yield chunk, pa.Table.from_batches(batches, schema=ctx.manifest.schema)
+        yield chunk, *repair_utf8(pa.Table.from_batches(batches, schema=ctx.manifest.schema))
 
 
-def _items(tables: Iterable[tuple[Chunk, pa.Table]], on_table: Callable) -> Iterator[Item]:
-    for chunk, table in tables:
+def _items(ctx: JobContext, tables: Iterable[tuple[Chunk, pa.Table, dict[int, str]]],
+           on_table: Callable) -> Iterator[Item]:
+    inp = ctx.cfg.input
+    # Only the columns the media source reads become Python objects; the others go to the output
+    # as Arrow, so no pass-through value has to survive a conversion.
+    wanted = list(dict.fromkeys(c for c in (inp.path_column, inp.bytes_column, inp.kind_column) if c))
+    for chunk, table, bad in tables:
         on_table(chunk, table)
-        for pos, row in enumerate(table.to_pylist()):
-            yield Item(chunk, pos, row)
+        for pos, row in enumerate(table.select(wanted).to_pylist()):
+            yield Item(chunk, pos, row, error=bad.get(pos))
 
 
 def _decode(ctx: JobContext, item: Item) -> Item:
     cfg = ctx.cfg
     hint = item.row.get(cfg.input.kind_column) if cfg.input.kind_column else None
     try:
-        with ctx.source.open(item.row) as f:
-            item.media = decode_media(f, video_frames=cfg.generation.video_frames,
-                                      max_image_pixels=cfg.input.max_image_pixels, kind_hint=hint)
+        if item.error is None:  # a row already refused (its input columns) is not opened
+            with ctx.source.open(item.row) as f:
+                item.media = decode_media(f, video_frames=cfg.generation.video_frames,
+                                          max_image_pixels=cfg.input.max_image_pixels, kind_hint=hint)
     except (SourceError, MediaError) as e:
         item.error = str(e)
     except Exception as e:  # noqa: BLE001 - one odd file must not stop the job
@@ -107,15 +134,106 @@ def _decode(ctx: JobContext, item: Item) -> Item:
     return item
 
 
-def _prefetch(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
-    """pool.map with at most `window` items in flight, so memory stays bounded."""
-    pending: deque = deque()
+@dataclass(eq=False)
+class _Task:
+    item: Item
+    done: threading.Event = field(default_factory=threading.Event)
+    started: float | None = None  # monotonic time a thread took it
+    abandoned: bool = False
+    result: Item | None = None
+
+
+class _DecodePool:
+    """`workers` daemon threads reading + decoding rows, each row under a deadline.
+
+    A read or a decode may never return (a hung mount, a decoder caught in a loop), so nothing ever
+    waits for a thread to end: past its deadline a row gets an error, its thread is written off and
+    a fresh one takes its place, so the pool keeps its width. Daemon threads, because an exiting
+    interpreter joins concurrent.futures' threads and would hang on a stuck one. Threads written off
+    and still running are counted per process (they outlive the shard): past STUCK_LIMIT the storage
+    or the decoder is broken for the whole job, and the shard fails (a rerun retries it) rather than
+    growing threads without end or committing every row as an error.
+    """
+
+    STUCK_LIMIT = 16
+    _stuck = 0
+    _lock = threading.Lock()
+
+    def __init__(self, fn: Callable[[Item], Item], workers: int, timeout: float):
+        self.fn, self.timeout = fn, timeout
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.closed, self.live = False, 0
+        for _ in range(workers):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self.live += 1
+        threading.Thread(target=self._work, daemon=True, name="decode").start()
+
+    def _work(self) -> None:
+        while (task := self.tasks.get()) is not None and not self.closed:
+            if not self._run(task):
+                return  # written off while it ran: its replacement already runs
+
+    def _run(self, task: _Task) -> bool:
+        task.started = time.monotonic()
+        try:
+            task.result = self.fn(task.item)
+        except BaseException as e:  # noqa: BLE001 - the row fails, the thread lives on
+            task.item.error = f"decode error: {type(e).__name__}: {e}"
+            task.result = task.item
+        with _DecodePool._lock:
+            task.done.set()
+            if task.abandoned:
+                _DecodePool._stuck -= 1
+            return not task.abandoned
+
+    def submit(self, item: Item) -> _Task:
+        task = _Task(item)
+        self.tasks.put(task)
+        return task
+
+    def result(self, task: _Task) -> Item:
+        """The decoded row, or past its deadline (counted from when a thread took it) a row error."""
+        while not task.done.wait(self._left(task)):
+            with _DecodePool._lock:
+                if not task.done.is_set() and self._left(task) == 0.0:
+                    return self._abandon(task)
+        return task.result
+
+    def _left(self, task: _Task) -> float:
+        if task.started is None:  # still queued: it starts once a thread frees up
+            return self.timeout
+        return max(task.started + self.timeout - time.monotonic(), 0.0)
+
+    def _abandon(self, task: _Task) -> Item:
+        task.abandoned = True
+        _DecodePool._stuck += 1
+        if _DecodePool._stuck > self.STUCK_LIMIT:
+            raise LlavaBatchError(f"{_DecodePool._stuck} media reads/decodes are stuck past "
+                                  f"run.decode_timeout_s={self.timeout:g}s; is the media storage hanging?")
+        self.live -= 1
+        if not self.closed:  # a consumer still waiting after close() must not start an idle thread for good
+            self._spawn()
+        item = task.item  # still the stuck thread's: the row's result is a fresh Item
+        return Item(item.chunk, item.pos, {}, error=f"read/decode timed out after {self.timeout:g} s")
+
+    def close(self) -> None:
+        """Stop the idle threads; a stuck one is left to the daemon's fate, never waited for."""
+        self.closed = True
+        for _ in range(self.live):
+            self.tasks.put(None)
+
+
+def _prefetch(pool: _DecodePool, items: Iterable[Item], window: int) -> Iterator[Item]:
+    """Rows decoded in order, at most `window` in flight, so memory stays bounded."""
+    pending: deque[_Task] = deque()
     for item in items:
-        pending.append(pool.submit(fn, item))
+        pending.append(pool.submit(item))
         if len(pending) >= window:
-            yield pending.popleft().result()
+            yield pool.result(pending.popleft())
     while pending:
-        yield pending.popleft().result()
+        yield pool.result(pending.popleft())
 
 
 class _ChunkWriter:
@@ -182,12 +300,14 @@ def _output_table(ctx, chunk, table, results, frames, prompts) -> pa.Table:
     return table
 
 
-def _row_error(ctx: JobContext, item: Item) -> str | None:
+def _row_error(ctx: JobContext, item: Item, text: str) -> str | None:
     """Why a row gets no caption before it reaches the engine (None: it goes on)."""
     if item.error:
         return item.error
     if item.media.kind == "video" and not ctx.info.supports_video:
         return f"unsupported media: video rows need a llava_next_video model, not {ctx.info.family}"
+    if (token := ctx.special_token_in(text)) is not None:
+        return f"prompt contains the special token {token!r}: control tokens are not accepted in prompt text"
     return None
 
 
@@ -215,10 +335,12 @@ def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, lis
     window = max(2 * cfg.generation.max_batch_size, 2 * cfg.run.decode_workers)
     engine_before = dict(ctx.engine.stats)
     started = time.perf_counter()
-    with ThreadPoolExecutor(cfg.run.decode_workers, thread_name_prefix="decode") as pool:
-        items = _items(_chunk_tables(ctx, todo), remember)
-        decoded = _prefetch(pool, lambda it: _decode(ctx, it), items, window)
-        _caption(ctx, decoded, texts, writer)
+    pool = _DecodePool(lambda it: _decode(ctx, it), cfg.run.decode_workers, cfg.run.decode_timeout_s)
+    try:
+        items = _items(ctx, _chunk_tables(ctx, todo), remember)
+        _caption(ctx, _prefetch(pool, items, window), texts, writer)
+    finally:
+        pool.close()
     stats = shard_stats(ctx.out, shard.index, shard.stop - shard.start)
     if engine_before:
         stats["engine"] = _engine_stats(ctx.engine.stats, engine_before, time.perf_counter() - started)
@@ -243,12 +365,15 @@ def _caption(ctx: JobContext, decoded: Iterable[Item], texts: dict, writer: _Chu
 
     def requests() -> Iterator[Request]:
         for item in decoded:
-            error = _row_error(ctx, item)
-            if error is not None:
+            text = texts.get(item.chunk.index, {}).get(item.pos) or ctx.cfg.generation.prompt
+            try:
+                error = _row_error(ctx, item, text)
+                req = _request(ctx, item, text) if error is None else None
+            except Exception as e:  # noqa: BLE001 - e.g. a chat template that refuses this text
+                error, req = f"prompt error: {type(e).__name__}: {e}", None
+            if req is None:
                 done(item, Result(error=error), None)
                 continue
-            text = texts.get(item.chunk.index, {}).get(item.pos) or ctx.cfg.generation.prompt
-            req = _request(ctx, item, text)
             pending[id(req)] = item
             yield req
 

@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
+from pipeline.data.sources import check_media_root
 from pipeline.errors import ConfigError
 
 
@@ -91,6 +93,54 @@ class Manifest:
                     return
 
 
+def repair_utf8(table: pa.Table) -> tuple[pa.Table, dict[int, str]]:
+    """Parquet readers do not check that strings are UTF-8, and one invalid value would crash every
+    conversion to Python and poison the output file for its readers. Returns the table with each
+    invalid value replaced (a string: U+FFFD for each bad byte; inside a nested value: the whole
+    value by null) and {row: why} for the rows that had one."""
+    try:
+        table.validate(full=True)  # the common case: one fast pass over the whole chunk
+        return table, {}
+    except pa.ArrowInvalid:
+        pass
+    errors: dict[int, str] = {}
+    for i, f in enumerate(table.schema):
+        fixed, bad = _repair_column(table.column(i), f)
+        if bad:
+            table = table.set_column(i, f, fixed)
+            for row, how in bad.items():
+                note = f"invalid UTF-8 in column {f.name!r} ({how})"
+                errors[row] = f"{errors[row]}; {note}" if row in errors else note
+    return table, errors
+
+
+def _repair_column(col: pa.ChunkedArray, f: pa.Field) -> tuple[pa.Array | None, dict[int, str]]:
+    try:
+        col.validate(full=True)
+        return None, {}
+    except pa.ArrowInvalid:
+        pass
+    col = col.combine_chunks()
+    bad = {row for row in range(len(col)) if not _converts(col[row])}
+    if not bad:
+        return None, {}
+    if not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type)):
+        mask = pa.array([row in bad for row in range(len(col))])
+        return pc.if_else(mask, pa.nulls(len(col), f.type), col), dict.fromkeys(bad, "value written as null")
+    raw = col.cast(pa.large_binary())  # the bytes as they are: this cast checks nothing
+    values = [raw[row].as_py().decode("utf-8", "replace") if row in bad else col[row].as_py()
+              for row in range(len(col))]
+    return pa.array(values, type=f.type), dict.fromkeys(bad, "value written with U+FFFD for the bad bytes")
+
+
+def _converts(value: pa.Scalar) -> bool:
+    try:
+        value.as_py()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def _row_groups_covering(meta: pq.FileMetaData, lo: int, hi: int) -> tuple[list[int], int]:
     """Row groups that hold rows [lo, hi) and the file row index where the first of them starts."""
     groups, first, pos = [], None, 0
@@ -145,6 +195,7 @@ def open_manifest(cfg: InputConfig) -> Manifest:
         files.append(ManifestFile(path, meta.num_rows, start))
         start += meta.num_rows
     check_columns(cfg, schema)
+    check_media_root(cfg)
     return Manifest(fs, files, schema)
 
 
@@ -157,7 +208,43 @@ def check_columns(cfg: InputConfig, schema: pa.Schema) -> None:
                 cfg.path_column = None  # the default does not apply to a bytes-only manifest
                 continue
             raise ConfigError(f"input.{key}: column {col!r} not in manifest (columns: {', '.join(schema.names)})")
+    _check_types(cfg, schema)
+
+
+def _check_types(cfg: InputConfig, schema: pa.Schema) -> None:
+    """A column of the wrong type would not fail: an int path column opens a file named `1` in every row."""
+    # A path column that is all null is fine beside a bytes column (every row has bytes).
+    text_cols = {"path_column": bool(cfg.bytes_column), "kind_column": True, "prompt_column": True}
+    for key, null_ok in text_cols.items():
+        col = getattr(cfg, key)
+        t = schema.field(col).type if col else None
+        if t is not None and not (_is_text(t) or null_ok and pa.types.is_null(t)):
+            raise ConfigError(f"input.{key}: column {col!r} has type {t}; it must hold strings"
+                              + (" (cast it to string: paths are not decoded from bytes)"
+                                 if key == "path_column" and _is_binary(t) else ""))
+    if cfg.id_column:
+        t = schema.field(cfg.id_column).type
+        if pa.types.is_nested(t) or pa.types.is_null(t):
+            raise ConfigError(f"input.id_column: column {cfg.id_column!r} has type {t}; "
+                              "ids must be scalars (strings or numbers)")
     if cfg.bytes_column:
         t = schema.field(cfg.bytes_column).type
-        if not (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_struct(t)):
-            raise ConfigError(f"input.bytes_column: {cfg.bytes_column!r} must be binary or a {{bytes, path}} struct")
+        inner = t.field("bytes").type if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 else t
+        if not _is_binary(inner):
+            raise ConfigError(f"input.bytes_column: {cfg.bytes_column!r} has type {t}; "
+                              "it must be binary or a {bytes: binary, path} struct")
+
+
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or _is_view(t, "string")
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or _is_view(t, "binary")
+
+
+def _is_view(t: pa.DataType, kind: str) -> bool:
+    test = getattr(pa.types, f"is_{kind}_view", None)  # pyarrow >= 16
+    return bool(test and test(t))

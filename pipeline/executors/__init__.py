@@ -38,9 +38,10 @@ def make_pool(run: RunConfig, record: dict, workers: list[str], n_shards: int, l
 def run_pool(pool: Pool, owner: dict, run: RunConfig, out: OutputDir, mine: list[Shard], others: list[Shard],
              chunk_rows: int) -> tuple[int, dict[int, str]]:
     """(rows captioned by this run, {shard: error} of shards that failed every retry)."""
+    done = set(out.done_shards())  # one read of the markers serves the queue and the progress total
     with Leases(out.root, run.lease_timeout_s, owner) as leases:
-        queue = ShardQueue(out, leases, mine, others, run.max_retries)
-        progress = Progress(_remaining(out, mine + others, chunk_rows), run.progress)
+        queue = ShardQueue(out, leases, mine, others, run.max_retries, done)
+        progress = Progress(_remaining(out, mine + others, chunk_rows, done), run.progress)
         try:
             pool.serve(lambda: drive(pool, queue, progress, run.max_retries))
         finally:
@@ -48,7 +49,7 @@ def run_pool(pool: Pool, owner: dict, run: RunConfig, out: OutputDir, mine: list
     return progress.rows, queue.failed
 
 
-def _remaining(out: OutputDir, shards: list[Shard], chunk_rows: int) -> int:
+def _remaining(out: OutputDir, shards: list[Shard], chunk_rows: int, done: set[int]) -> int:
     committed = out.committed_chunks()
-    return sum(c.stop - c.start for s in shards if not out.shard_done(s.index)
+    return sum(c.stop - c.start for s in shards if s.index not in done
                for c in s.chunks(chunk_rows) if (s.index, c.index) not in committed)

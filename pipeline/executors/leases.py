@@ -47,6 +47,7 @@ class Leases:
         self.timeout_s = timeout_s
         self.owner = owner or new_owner()
         self.held: set[int] = set()
+        self._taking: set[int] = set()  # acquire() under way: released too if the run stops mid-way
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -105,6 +106,16 @@ class Leases:
         return bool(lease) and lease.get("owner", {}).get("id") == self.owner["id"]
 
     def acquire(self, shard: int) -> bool:
+        # An interrupt (SIGINT / SIGTERM on the thread that drives) can land between creating our
+        # generation and recording it as held; release_all() then still finds it.
+        with self._lock:
+            self._taking.add(shard)
+        taken = self._acquire(shard)  # on an exception the shard stays in _taking, for release_all
+        with self._lock:
+            self._taking.discard(shard)
+        return taken
+
+    def _acquire(self, shard: int) -> bool:
         self.dir.mkdir(parents=True, exist_ok=True)
         gen, lease = self._top(shard)
         if lease is not None:
@@ -154,7 +165,13 @@ class Leases:
         self._stop.set()
         if self._thread:
             self._thread.join()
-        for shard in list(self.held):
+        self.release_all()
+
+    def release_all(self) -> None:
+        """Release every lease this owner holds or is taking (release checks the owner first)."""
+        with self._lock:
+            shards = self.held | self._taking
+        for shard in shards:
             self.release(shard)
 
     def _beat(self) -> None:

@@ -2,9 +2,13 @@
 
 Shards run on the main thread and the driver loop (progress, shard queue) on a helper thread, so
 the driver sees each chunk as it commits; an exception in a shard is re-raised in the caller, as a
-crash of the job. Why this way round: the model is loaded on the main thread, and once a second
-thread starts OpenMP parallel regions, torch's OpenMP runtime (libgomp) has more threads than cores
-and cuts its workers' spin-waiting short, so every op run from that other thread pays a wake-up.
+crash of the job. An interrupt (SIGINT / SIGTERM) lands on the main thread, in a shard or between
+two, and is handed to the driver, which stops, then the leases are released before the interrupt goes
+on up. A hung shard cannot be replaced here (pool.py: the run exits, for a rerun).
+
+Why this way round: the model is loaded on the main thread, and once a second thread starts OpenMP
+parallel regions, torch's OpenMP runtime (libgomp) has more threads than cores and cuts its workers'
+spin-waiting short, so every op run from that other thread pays a wake-up.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ _STOP = object()
 
 
 class InProcessPool:
+    restartable = False  # the worker is this process's main thread
+
     def __init__(self, ctx: JobContext, owner: dict, device: str):
         self.worker = ShardWorker({}, device, owner, ctx=ctx)
         self.slots, self.devices = [0], [device]
+        self.worker_timeout_s = ctx.cfg.run.worker_timeout_s
         self.events: queue.Queue = queue.Queue()
         self.events.put((0, "ready", {}))
         self.shards: queue.Queue = queue.Queue()
@@ -47,8 +54,13 @@ class InProcessPool:
 
         thread = threading.Thread(target=driver, daemon=True, name="driver")
         thread.start()
-        while (shard := self.shards.get()) is not _STOP:
-            self._run(shard)
+        try:
+            while (shard := self.shards.get()) is not _STOP:
+                self._run(shard)
+        except BaseException as e:  # an interrupt between two shards: the driver must stop too
+            self.events.put((0, "raise", e))
+            thread.join()
+            raise
         thread.join()
         if failure:
             raise failure[0]
@@ -56,7 +68,7 @@ class InProcessPool:
     def _run(self, shard: int) -> None:
         try:
             result = self.worker.run(shard, lambda rows, errors: self.events.put(
-                (0, "chunk", {"rows": rows, "errors": errors})))
+                (0, "chunk", {"rows": rows, "errors": errors})), lambda: self.events.put((0, "beat", {})))
         except BaseException as e:  # noqa: BLE001 - handed to the driver thread, which raises it
             self.events.put((0, "raise", e))
             return

@@ -1,14 +1,29 @@
 """The driver loop all pools share (in-process, worker processes, Ray actors), and `Pool`, what it drives.
 
 A pool owns N slots (one per device), starts a worker in each and reports events:
-(slot, "ready" | "chunk" | "done" | "lost" | "error" | "died", message). The driver hands shards
-from the `ShardQueue` to ready slots and turns deaths into retries. A slot whose worker keeps
+(slot, "ready" | "beat" | "chunk" | "done" | "lost" | "error" | "died", message). The driver hands
+shards from the `ShardQueue` to ready slots and turns deaths into retries. A slot whose worker keeps
 dying before it is ready (broken device, model that cannot load) is given up after max_retries.
+
+A hung worker (alive, but stuck: a device call that never returns, a deadlock) is treated as a dead
+one: a worker on a shard must be heard from within `pool.worker_timeout_s` (run.worker_timeout_s).
+Any event counts; workers send "beat" as rows come out of their engine, so silence means the engine
+itself stopped, not merely that a chunk is long. A silent worker is replaced (`start` stops the old
+one first) and its shard retried. The in-process pool cannot replace its worker, this process's main
+thread: the run then releases its leases and exits 1 with one line, so that whatever runs it (a
+scheduler, a retry loop) runs it again, resuming from the committed chunks.
+
+Starting (loading the model) is not timed: it has no progress to watch, and it takes seconds or many
+minutes with the model, the storage and a first run's kernel build, so a deadline there would either
+have to exceed the slowest load or kill healthy workers. A worker stuck starting holds no shard: the
+others do the job, and close() stops it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -25,9 +40,12 @@ class Pool(Protocol):
 
     slots: list[int]
     devices: list[str]  # per slot: the device its worker runs on
+    worker_timeout_s: float  # a worker on a shard and silent this long is hung
+    restartable: bool  # False: the worker is this process's main thread, a hung one cannot be replaced
 
     def start(self, slot: int) -> None:
-        """(Re)start the worker in `slot`; it reports "ready", or "died" if it cannot start."""
+        """(Re)start the worker in `slot`, first stopping the one there if it still runs (a hung one);
+        it reports "ready", or "died" if it cannot start."""
 
     def submit(self, slot: int, shard: int) -> None:
         """Hand `shard` to the ready worker in `slot`."""
@@ -73,6 +91,7 @@ class _Driver:
         self.idle: set[int] = set()
         self.current: dict[int, object] = {}  # slot -> the shard it works on
         self.start_failures = dict.fromkeys(pool.slots, 0)  # slots still in use
+        self.heard: dict[int, float] = {}  # slot on a shard -> when it last said anything
 
     def run(self) -> None:
         for slot in self.pool.slots:
@@ -81,6 +100,7 @@ class _Driver:
             while self.idle and (shard := self.queue.next()) is not None:
                 slot = self.idle.pop()
                 self.current[slot] = shard
+                self.heard[slot] = time.monotonic()
                 self.pool.submit(slot, shard.index)
             if not self.start_failures:
                 self.queue.give_up("no worker could be started")
@@ -88,29 +108,37 @@ class _Driver:
             event = self.pool.event(timeout=0.5)
             if event is not None:
                 self.handle(*event)
+            self.check_deadlines()
 
     def handle(self, slot: int, kind: str, msg: dict) -> None:
+        if slot in self.heard:
+            self.heard[slot] = time.monotonic()
         if kind == "ready":
-            self.idle.add(slot)
+            self.became_idle(slot)
             self.start_failures[slot] = 0
         elif kind == "chunk":
             self.progress.add(msg["rows"], msg.get("errors", 0))
         elif kind in ("done", "lost"):
             shard = self.current.pop(slot)
             (self.queue.done if kind == "done" else self.queue.lost)(shard)
-            self.idle.add(slot)
+            self.became_idle(slot)
         elif kind == "error":  # a Python error inside the shard; the worker goes on or exits
             _retry(self.queue, self.current.pop(slot), f"worker {slot}: {msg['error']}")
             if msg.get("alive"):
-                self.idle.add(slot)
+                self.became_idle(slot)
         elif kind == "died":
             self.died(slot, msg)
 
-    def died(self, slot: int, msg: dict) -> None:
+    def became_idle(self, slot: int) -> None:
+        self.idle.add(slot)
+        self.heard.pop(slot, None)  # an idle worker owes us nothing
+
+    def died(self, slot: int, msg: dict, how: str = "died") -> None:
         self.idle.discard(slot)
+        self.heard.pop(slot, None)
         shard = self.current.pop(slot, None)
         if shard is not None:
-            _retry(self.queue, shard, f"worker {slot} died: {msg['error']}")
+            _retry(self.queue, shard, f"worker {slot} {how}: {msg['error']}")
         elif not msg.get("was_ready"):
             self.start_failures[slot] += 1
         if self.start_failures[slot] > self.max_retries:
@@ -119,6 +147,28 @@ class _Driver:
             del self.start_failures[slot]
             return
         self.pool.start(slot)
+
+    def check_deadlines(self) -> None:
+        limit = self.pool.worker_timeout_s
+        now = time.monotonic()
+        for slot in [s for s, heard in self.heard.items() if now - heard > limit]:
+            self.hung(slot, limit)
+
+    def hung(self, slot: int, limit: float) -> None:
+        """Replace a worker that went silent, and retry its shard, as for one that died."""
+        silent = f"nothing from it for {limit:g} s (run.worker_timeout_s)"
+        if not self.pool.restartable:
+            _abandon(self.queue, f"the shard running in this process has made no progress: {silent}; "
+                                 "exiting so the run can be rerun (it resumes from the committed chunks)")
+        self.died(slot, {"error": f"{silent}, replaced", "was_ready": True}, how="hung")
+
+
+def _abandon(queue: ShardQueue, reason: str) -> None:
+    """Exit the process now: its main thread is stuck, so nothing can unwind through it."""
+    log.error(f"error: {reason}")
+    queue.leases.release_all()  # a rerun, here or on another node, need not wait for them to expire
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _retry(queue: ShardQueue, shard, error: str) -> None:

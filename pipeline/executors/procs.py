@@ -2,7 +2,8 @@
 
 Each worker is a fresh `python -m pipeline.executors.worker` process with its accelerator made the
 only visible one in its environment, set before torch starts, so nothing here touches device state
-and nothing is forked from a process that has. A worker that dies is started again.
+and nothing is forked from a process that has. A worker that dies is started again; one that hangs
+is killed first (SIGKILL: it may be stuck in a device call that no gentler signal interrupts).
 """
 
 from __future__ import annotations
@@ -23,15 +24,23 @@ _ROOT = str(Path(pipeline.__file__).resolve().parent.parent)
 
 
 class ProcPool:
+    restartable = True
+
     def __init__(self, record: dict, device_list: list[str], owner: dict):
         self.record, self.devices, self.owner = record, device_list, owner
         self.slots = list(range(len(device_list)))
+        self.worker_timeout_s = float(record["config"]["run"]["worker_timeout_s"])
         self.procs: dict[int, subprocess.Popen] = {}
+        self.killed: list[subprocess.Popen] = []  # replaced while hung: reaped at close
         self.gen = dict.fromkeys(self.slots, 0)
         self.events: queue.Queue = queue.Queue()
         self.cpu_workers = sum(d == "cpu" for d in device_list)
 
     def start(self, slot: int) -> None:
+        old = self.procs.get(slot)
+        if old is not None and old.poll() is None:  # still running: hung, the driver is replacing it
+            old.kill()
+            self.killed.append(old)
         extra, device = devices.worker_env(self.devices[slot], self.cpu_workers)
         env = {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))}
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.executors.worker", device, json.dumps(self.owner)],
@@ -87,6 +96,11 @@ class ProcPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for proc in self.killed:
+            try:  # SIGKILL waits for a call stuck in the kernel (a dead mount) to return: do not wait long
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def _describe_exit(code: int) -> str:

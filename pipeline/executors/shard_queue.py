@@ -3,6 +3,8 @@
 One `ShardQueue` lives in the process that owns the leases (the local parent or the Ray driver).
 Workers only ever see a shard handed to them. A shard whose worker died goes back to the front of
 the queue until it has used its retries; then it gets a `.failed.json` marker and the job goes on.
+A full disk is the exception: every shard would fail alike, so it stops the job (one line, exit 1)
+wherever it was hit, in this process or reported by a worker.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections import deque
 
 from pipeline.config import RunConfig
 from pipeline.data.manifest import Shard
-from pipeline.data.output import OutputDir
+from pipeline.data.output import DiskFullError, OutputDir, disk_full_report
 from pipeline.executors.leases import Leases
 
 
@@ -25,10 +27,13 @@ def node_share(shards: list[Shard], run: RunConfig) -> tuple[list[Shard], list[S
 
 
 class ShardQueue:
-    def __init__(self, out: OutputDir, leases: Leases, mine: list[Shard], others: list[Shard], max_retries: int):
+    def __init__(self, out: OutputDir, leases: Leases, mine: list[Shard], others: list[Shard],
+                 max_retries: int, done: set[int] | None = None):
+        """`done`: the shards already complete, when the caller has read them (out.done_shards())."""
         self.out, self.leases, self.max_retries = out, leases, max_retries
-        self.todo: deque[Shard] = deque(s for s in mine if not out.shard_done(s.index))
-        self.steal: deque[Shard] = deque(s for s in others if not out.shard_done(s.index))
+        done = set(out.done_shards()) if done is None else done
+        self.todo: deque[Shard] = deque(s for s in mine if s.index not in done)
+        self.steal: deque[Shard] = deque(s for s in others if s.index not in done)
         self.busy: list[Shard] = []  # ours, but another live run holds the lease: wait for it
         self.running: set[int] = set()
         self.attempts: dict[int, int] = {}
@@ -49,7 +54,7 @@ class ShardQueue:
                 shard = queue.popleft()
                 if self.out.shard_done(shard.index):
                     continue
-                if not self.leases.acquire(shard.index):
+                if not self._acquire(shard.index):
                     if wait:
                         self.busy.append(shard)
                         self._busy_since = time.monotonic()
@@ -58,9 +63,17 @@ class ShardQueue:
                     self.leases.release(shard.index)
                     continue
                 self.running.add(shard.index)
-                self.out.failed_path(shard.index).unlink(missing_ok=True)
+                self.out.reset_shard(shard.index)
                 return shard
         return None
+
+    def _acquire(self, shard: int) -> bool:
+        try:
+            return self.leases.acquire(shard)
+        except OSError as e:  # a lease is a small file on the output filesystem: it fills up too
+            if (full := self.out.no_space(e, f"taking the lease of shard {shard}")) is not None:
+                raise full from None
+            raise
 
     def done(self, shard: Shard) -> None:
         self.running.discard(shard.index)
@@ -74,6 +87,8 @@ class ShardQueue:
     def died(self, shard: Shard, error: str) -> None:
         """The worker on `shard` died or raised: retry from the last committed chunk, or give up."""
         self.running.discard(shard.index)
+        if (message := disk_full_report(error)) is not None:
+            raise DiskFullError(message)  # a retry would only fill the disk again
         n = self.attempts[shard.index] = self.attempts.get(shard.index, 0) + 1
         if n <= self.max_retries:
             self.todo.appendleft(shard)  # keep the lease: nobody else should start it meanwhile
@@ -86,7 +101,7 @@ class ShardQueue:
     def give_up(self, error: str) -> None:
         """No worker can run any more (every slot failed to start): fail whatever is left."""
         for shard in list(self.todo) + list(self.busy):
-            if self.leases.acquire(shard.index):  # one another run holds is that run's to finish
+            if self._acquire(shard.index):  # one another run holds is that run's to finish
                 self.attempts[shard.index] = self.max_retries
                 self.died(shard, error)
         self.todo.clear()

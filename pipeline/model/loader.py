@@ -1,23 +1,21 @@
 """Load a LLaVA-family model and its processor from a local dir; build prompts.
 
 Everything is local: `local_files_only`, safetensors only, no remote code unless the job says so.
+The dir is checked first by the light `pipeline.model.inspect` (re-exported here for the callers
+that load right after).
 """
 
 from __future__ import annotations
 
 import functools
-import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
 import quant
 from pipeline import devices, families
-from pipeline.config import ModelConfig
-from pipeline.errors import ConfigError
 from pipeline.logs import log
+from pipeline.model.inspect import ModelInfo, describe, inspect_model  # noqa: F401 - re-exported
 
 MODEL_CLASSES = {family: families.model_class(name) for family, name in families.CLASS_NAMES.items()}
 
@@ -31,41 +29,6 @@ _FORMATS = {
     "chatml": ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n{media}\n{text}"
                "<|im_end|><|im_start|>assistant\n"),
 }
-
-
-@dataclass
-class ModelInfo:
-    path: Path
-    family: str
-    config: dict
-    quantized: bool
-
-    @property
-    def supports_video(self) -> bool:
-        return self.family == "llava_next_video"
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-
-def inspect_model(cfg: ModelConfig) -> ModelInfo:
-    """Check a model dir before any work: exists, known family, safetensors weights."""
-    path = Path(cfg.path)
-    if "://" in cfg.path:
-        raise ConfigError(f"model.path must be a local directory, got {cfg.path!r}")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"model.path: no config.json in {path}")
-    config = json.loads(config_file.read_text())
-    family = config.get("model_type")
-    if family not in MODEL_CLASSES:
-        raise ConfigError(f"model.path: model_type {family!r} is not a LLaVA family we support "
-                          f"({', '.join(MODEL_CLASSES)})")
-    quantized = quant.is_quantized(path)
-    if not quantized and not any(path.glob("*.safetensors")):
-        raise ConfigError(f"model.path: no *.safetensors weights in {path} (other formats are refused)")
-    return ModelInfo(path, family, config, quantized)
 
 
 def text_config(info: ModelInfo):
@@ -124,13 +87,6 @@ def compute_dtype(info: ModelInfo, dtype: torch.dtype, device: torch.device) -> 
 @functools.cache
 def _say_once(message: str) -> None:
     log.warning(message)
-
-
-def describe(info: ModelInfo) -> str:
-    """The `model` output column: the model name, plus its quantization when it has one."""
-    if not info.quantized:
-        return info.name
-    return f"{info.name} ({quant.describe(info.path)})"
 
 
 def conversation_format(info: ModelInfo) -> str:

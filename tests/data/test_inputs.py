@@ -21,7 +21,7 @@ def read_out(out):
 def test_plan_and_stream_across_files_and_row_groups(tmp_path):
     for k in range(3):
         write_manifest(tmp_path / "m" / f"part-{k}.parquet", {"n": list(range(k * 7, k * 7 + 7))}, row_group_size=3)
-    manifest = open_manifest(InputConfig(manifest=[str(tmp_path / "m")], path_column="n"))
+    manifest = open_manifest(InputConfig(manifest=[str(tmp_path / "m")], path_column=None))
     assert manifest.num_rows == 21
     shards = manifest.plan(5)
     assert [(s.start, s.stop) for s in shards] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 21)]
@@ -29,7 +29,7 @@ def test_plan_and_stream_across_files_and_row_groups(tmp_path):
         for chunk in shard.chunks(2):
             got = [v for _, b in manifest.iter_rows(chunk.start, chunk.stop) for v in b.column("n").to_pylist()]
             assert got == list(range(chunk.start, chunk.stop))
-    globbed = open_manifest(InputConfig(manifest=[str(tmp_path / "m" / "part-*.parquet")], path_column="n"))
+    globbed = open_manifest(InputConfig(manifest=[str(tmp_path / "m" / "part-*.parquet")], path_column=None))
     assert globbed.num_rows == 21 and globbed.fingerprint() == manifest.fingerprint()
 
 

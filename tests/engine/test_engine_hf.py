@@ -8,7 +8,8 @@ import torch
 from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.engine.base import Request
 from pipeline.engine.hf import HFEngine
-from pipeline.model.loader import MODEL_CLASSES, inspect_model, load_processor
+from pipeline.model.inspect import inspect_model
+from pipeline.model.loader import MODEL_CLASSES, load_processor
 from pipeline.testing.demo import synthetic_image
 
 

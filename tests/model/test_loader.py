@@ -4,6 +4,7 @@ fallback once."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -37,8 +38,7 @@ def test_a_dir_with_either_description_name_is_quantized(tiny_model, tmp_path):
     src = tiny_model("llava")
     for i, name in enumerate(("quant_model_description.json", "quant_model_description_w8a16.json")):
         d = tmp_path / f"q{i}"
-        d.mkdir()
-        (d / "config.json").write_text((src / "config.json").read_text())
+        shutil.copytree(src, d)  # a complete model dir: inspect_model checks its files too
         (d / name).write_text(json.dumps({"model_quant_type": "W8A16"}))
         assert loader.inspect_model(ModelConfig(path=str(d))).quantized
 
