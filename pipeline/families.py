@@ -7,10 +7,12 @@ llava-hf tensor layout, which is what lets the converter treat them alike.
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported on use: inspecting a model dir must not load it
+    import torch
 
 CLASS_NAMES = {
     "llava": "LlavaForConditionalGeneration",
@@ -41,6 +43,7 @@ def class_name(config: dict, where) -> str:
 def meta_model(model_dir) -> torch.nn.Module:
     """The model of `model_dir` with every parameter on the meta device: its modules and shapes, no
     memory, no init (a 34B model costs nothing)."""
+    import torch
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(Path(model_dir), local_files_only=True)

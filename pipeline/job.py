@@ -19,7 +19,7 @@ from pipeline.data.output import OutputDir, output_schema, read_status
 from pipeline.executors import make_pool, run_pool
 from pipeline.executors.shard_queue import node_share
 from pipeline.logs import PLAIN, log
-from pipeline.model import inspect as loader  # the light half: the model dir is checked before torch loads
+from pipeline.model import inspect  # the light half: the model dir is checked before torch loads
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Summary:
                 f"in {self.seconds:.1f}s ({rate:.2f} rows/s); captions in {self.out_dir}/captions{failed}")
 
 
-def job_record(cfg: JobConfig, manifest: Manifest, info: loader.ModelInfo | None = None) -> dict:
+def job_record(cfg: JobConfig, manifest: Manifest, info: inspect.ModelInfo | None = None) -> dict:
     """What `_job.json` holds. Without `info` (before the model dir is read): config, manifest and
     plan, which is what a resume with other settings is refused on."""
     config = cfg.to_dict()
@@ -49,7 +49,7 @@ def job_record(cfg: JobConfig, manifest: Manifest, info: loader.ModelInfo | None
     record = {"version": 1, "config": config, "manifest": manifest.describe(), "plan": plan}
     if info is None:
         return record
-    record.update(model=loader.describe(info), model_config_sha=_sha(info.config))
+    record.update(model=inspect.describe(info), model_config_sha=_sha(info.config))
     view = {"config": fingerprint_view(config), "manifest": record["manifest"]["fingerprint"],
             "model": record["model_config_sha"]}
     record["fingerprint"] = _sha(view)
@@ -65,7 +65,7 @@ def run_job(cfg: JobConfig) -> Summary:
     out = OutputDir(cfg.output.dir)
     out.check_usable()
     out.check_compatible(job_record(cfg, manifest), cfg.output.mode)
-    info = loader.inspect_model(cfg.model)
+    info = inspect.inspect_model(cfg.model)
     record = job_record(cfg, manifest, info)
     out.check_compatible(record, cfg.output.mode)  # now with the model's fingerprint
     # Imported only now, as they import torch: everything a bad job fails on is checked above.

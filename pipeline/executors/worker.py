@@ -62,7 +62,8 @@ class ShardWorker:
         if ctx is None:
             cfg = from_dict(record["config"])
             manifest, info = open_manifest(cfg.input), inspect_model(cfg.model)
-            ctx = open_context(cfg, manifest, OutputDir(cfg.output.dir), info, record["model"], device)
+            ctx = open_context(cfg, manifest, OutputDir(cfg.output.dir, record["fingerprint"]), info,
+                               record["model"], device)
         ctx.engine = _BeatingEngine(ctx.engine, self._progressed)
         self.ctx = ctx
         self.leases = Leases(ctx.out.root, ctx.cfg.run.lease_timeout_s, owner)

@@ -125,7 +125,9 @@ def _build_lock(name: str, cpp_extension):
     with open(build_dir / "llava-batch.flock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         stale = build_dir / "lock"
-        if stale.exists():
+        # Newer torch holds that file under an advisory lock of its own (it stays, and must not be
+        # removed); only the older FileBaton lock is one whose mere existence blocks.
+        if hasattr(cpp_extension, "FileBaton") and stale.exists():
             log.warning(f"removing a dead build's lock ({stale})")
             stale.unlink(missing_ok=True)
         yield

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError
+from pipeline.families import CLASS_NAMES
 from quant import layout
 from quant.errors import QuantError
 
@@ -62,10 +63,6 @@ def describe(info: ModelInfo) -> str:
 
 
 def _family(config: dict) -> str:
-    # pipeline.families imports torch at its top (meta_model), so it is imported only here, once the
-    # files have been checked: a broken dir is refused before torch loads.
-    from pipeline.families import CLASS_NAMES
-
     family = config.get("model_type")
     if family not in CLASS_NAMES:
         raise ConfigError(f"model.path: model_type {family!r} is not a LLaVA family we support "
