@@ -38,7 +38,9 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from pipeline.config import JobConfig  # noqa: E402
 from pipeline.data.manifest import open_manifest  # noqa: E402
-from pipeline.data.output import OutputDir, output_schema, read_status  # noqa: E402
+from pipeline.data.output import OutputDir  # noqa: E402
+from pipeline.data.schema import output_schema  # noqa: E402
+from pipeline.data.status import read_status  # noqa: E402
 
 CHUNK_ROWS = 4
 FINGERPRINT = "bench-status-0001"

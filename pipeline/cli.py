@@ -43,7 +43,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from pipeline.data.output import read_status
+    from pipeline.data.status import read_status
 
     status = read_status(args.out_dir)
     if args.json:

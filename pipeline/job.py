@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 from pipeline.config import JobConfig, fingerprint_view
 from pipeline.data.manifest import Manifest, open_manifest
-from pipeline.data.output import OutputDir, output_schema, read_status
+from pipeline.data.output import OutputDir
+from pipeline.data.schema import output_schema
+from pipeline.data.status import read_status
 from pipeline.executors import make_pool, run_pool
 from pipeline.executors.shard_queue import node_share
 from pipeline.logs import PLAIN, log

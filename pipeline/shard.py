@@ -12,12 +12,10 @@ results, so chunks stay the plan's fixed row ranges, which exactly-once relies o
 from __future__ import annotations
 
 import os
-import queue
 import re
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -25,13 +23,15 @@ import pyarrow as pa
 
 from pipeline import devices
 from pipeline.config import JobConfig
+from pipeline.data.deadline_pool import DeadlinePool, in_order
 from pipeline.data.manifest import Chunk, Manifest, Shard, repair_utf8
 from pipeline.data.media import MediaError, decode_media
-from pipeline.data.output import RESULT_FIELDS, OutputDir, passthrough_name, shard_stats
+from pipeline.data.output import OutputDir
+from pipeline.data.schema import RESULT_FIELDS, passthrough_name
 from pipeline.data.sources import MediaSource, SourceError
+from pipeline.data.status import shard_stats
 from pipeline.engine import check_cache_fits, make_engine
 from pipeline.engine.base import Engine, Request, Result
-from pipeline.errors import LlavaBatchError
 from pipeline.model import loader
 from pipeline.model.inspect import ModelInfo
 from pipeline.model.loader import build_prompt
@@ -134,106 +134,15 @@ def _decode(ctx: JobContext, item: Item) -> Item:
     return item
 
 
-@dataclass(eq=False)
-class _Task:
-    item: Item
-    done: threading.Event = field(default_factory=threading.Event)
-    started: float | None = None  # monotonic time a thread took it
-    abandoned: bool = False
-    result: Item | None = None
+def _decode_failed(item: Item, e: BaseException) -> Item:
+    item.error = f"decode error: {type(e).__name__}: {e}"
+    return item
 
 
-class _DecodePool:
-    """`workers` daemon threads reading + decoding rows, each row under a deadline.
-
-    A read or a decode may never return (a hung mount, a decoder caught in a loop), so nothing ever
-    waits for a thread to end: past its deadline a row gets an error, its thread is written off and
-    a fresh one takes its place, so the pool keeps its width. Daemon threads, because an exiting
-    interpreter joins concurrent.futures' threads and would hang on a stuck one. Threads written off
-    and still running are counted per process (they outlive the shard): past STUCK_LIMIT the storage
-    or the decoder is broken for the whole job, and the shard fails (a rerun retries it) rather than
-    growing threads without end or committing every row as an error.
-    """
-
-    STUCK_LIMIT = 16
-    _stuck = 0
-    _lock = threading.Lock()
-
-    def __init__(self, fn: Callable[[Item], Item], workers: int, timeout: float):
-        self.fn, self.timeout = fn, timeout
-        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self.closed, self.live = False, 0
-        for _ in range(workers):
-            self._spawn()
-
-    def _spawn(self) -> None:
-        self.live += 1
-        threading.Thread(target=self._work, daemon=True, name="decode").start()
-
-    def _work(self) -> None:
-        while (task := self.tasks.get()) is not None and not self.closed:
-            if not self._run(task):
-                return  # written off while it ran: its replacement already runs
-
-    def _run(self, task: _Task) -> bool:
-        task.started = time.monotonic()
-        try:
-            task.result = self.fn(task.item)
-        except BaseException as e:  # noqa: BLE001 - the row fails, the thread lives on
-            task.item.error = f"decode error: {type(e).__name__}: {e}"
-            task.result = task.item
-        with _DecodePool._lock:
-            task.done.set()
-            if task.abandoned:
-                _DecodePool._stuck -= 1
-            return not task.abandoned
-
-    def submit(self, item: Item) -> _Task:
-        task = _Task(item)
-        self.tasks.put(task)
-        return task
-
-    def result(self, task: _Task) -> Item:
-        """The decoded row, or past its deadline (counted from when a thread took it) a row error."""
-        while not task.done.wait(self._left(task)):
-            with _DecodePool._lock:
-                if not task.done.is_set() and self._left(task) == 0.0:
-                    return self._abandon(task)
-        return task.result
-
-    def _left(self, task: _Task) -> float:
-        if task.started is None:  # still queued: it starts once a thread frees up
-            return self.timeout
-        return max(task.started + self.timeout - time.monotonic(), 0.0)
-
-    def _abandon(self, task: _Task) -> Item:
-        task.abandoned = True
-        _DecodePool._stuck += 1
-        if _DecodePool._stuck > self.STUCK_LIMIT:
-            raise LlavaBatchError(f"{_DecodePool._stuck} media reads/decodes are stuck past "
-                                  f"run.decode_timeout_s={self.timeout:g}s; is the media storage hanging?")
-        self.live -= 1
-        if not self.closed:  # a consumer still waiting after close() must not start an idle thread for good
-            self._spawn()
-        item = task.item  # still the stuck thread's: the row's result is a fresh Item
-        return Item(item.chunk, item.pos, {}, error=f"read/decode timed out after {self.timeout:g} s")
-
-    def close(self) -> None:
-        """Stop the idle threads; a stuck one is left to the daemon's fate, never waited for."""
-        self.closed = True
-        for _ in range(self.live):
-            self.tasks.put(None)
-
-
-def _prefetch(pool: _DecodePool, items: Iterable[Item], window: int) -> Iterator[Item]:
-    """Rows decoded in order, at most `window` in flight, so memory stays bounded."""
-    pending: deque[_Task] = deque()
-    for item in items:
-        pending.append(pool.submit(item))
-        if len(pending) >= window:
-            yield pool.result(pending.popleft())
-    while pending:
-        yield pool.result(pending.popleft())
+def _decode_timed_out(seconds: float) -> Callable[[Item], Item]:
+    def timed_out(item: Item) -> Item:  # the stuck thread still holds `item`: a fresh one is the result
+        return Item(item.chunk, item.pos, {}, error=f"read/decode timed out after {seconds:g} s")
+    return timed_out
 
 
 class _ChunkWriter:
@@ -335,10 +244,11 @@ def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, lis
     window = max(2 * cfg.generation.max_batch_size, 2 * cfg.run.decode_workers)
     engine_before = dict(ctx.engine.stats)
     started = time.perf_counter()
-    pool = _DecodePool(lambda it: _decode(ctx, it), cfg.run.decode_workers, cfg.run.decode_timeout_s)
+    pool = DeadlinePool(lambda it: _decode(ctx, it), cfg.run.decode_workers, cfg.run.decode_timeout_s,
+                        failed=_decode_failed, timed_out=_decode_timed_out(cfg.run.decode_timeout_s))
     try:
         items = _items(ctx, _chunk_tables(ctx, todo), remember)
-        _caption(ctx, _prefetch(pool, items, window), texts, writer)
+        _caption(ctx, in_order(pool, items, window), texts, writer)
     finally:
         pool.close()
     stats = shard_stats(ctx.out, shard.index, shard.stop - shard.start)

@@ -15,12 +15,14 @@ recorded) count as this job's.
 Read back cheaply: a shard with a stats marker is complete and its counts are the marker's, so
 `status` and resume planning list `captions/` and `_stats/`, read one small JSON per complete
 shard, and open chunks only of the shards still in progress.
+
+One module past ~300 lines on purpose: claiming, committing and reading back are one protocol, and
+its rules are checked against each other.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -28,7 +30,6 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import fingerprint_view
+from pipeline.data.disk_full import DiskFullError, disk_full
 from pipeline.errors import ConfigError, LlavaBatchError
 from pipeline.logs import log
 
@@ -47,45 +49,6 @@ TMP_STALE_S = 3600.0
 TRANSIENT_PREFIX = ".llava-batch-"
 _CHUNK_RE = re.compile(r"^shard-(\d{5,})-chunk-(\d{5,})\.parquet$")
 _STATS_RE = re.compile(r"^shard-(\d{5,})\.json$")
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-RESULT_FIELDS = [
-    pa.field("row_index", pa.int64()),
-    pa.field("caption", pa.string()),
-    pa.field("status", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("n_prompt_tokens", pa.int32()),
-    pa.field("n_output_tokens", pa.int32()),
-    pa.field("finish_reason", pa.string()),
-    pa.field("frames", pa.int32()),
-    pa.field("prompt", pa.string()),
-    pa.field("model", pa.string()),
-]
-RESULT_NAMES = {f.name for f in RESULT_FIELDS}
-
-
-class DiskFullError(LlavaBatchError):
-    """No space left on the output filesystem. Not a bad job (exit 1): what is committed stays
-    committed, so rerunning once space is freed resumes exactly once."""
-
-
-def passthrough_name(name: str) -> str:
-    """An input column that shares a result column's name is kept under `input_<name>`."""
-    return f"input_{name}" if name in RESULT_NAMES else name
-
-
-def output_schema(manifest_schema: pa.Schema, bytes_column: str | None) -> pa.Schema:
-    """The columns of every chunk: the input columns (less the media bytes, renamed where they clash
-    with a result column), then the result columns, as the chunk writer builds them."""
-    fields = [f.with_name(passthrough_name(f.name)) for f in manifest_schema if f.name != bytes_column]
-    return pa.schema(fields + RESULT_FIELDS)
-
-
-def disk_full_report(report: str) -> str | None:
-    """The message of a DiskFullError that a worker reported as text ("...DiskFullError: <msg>")."""
-    _, found, message = report.partition(f"{DiskFullError.__name__}: ")
-    return message if found else None
-
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -98,20 +61,6 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _free_space(path: Path) -> str:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        free = float(shutil.disk_usage(path).free)
-    except OSError:
-        return "unknown"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if free < 1024:
-            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
-        free /= 1024
-    return f"{free:.1f} TiB"
 
 
 def _names(path: Path) -> list[str]:
@@ -249,10 +198,7 @@ class OutputDir:
     # -- errors -------------------------------------------------------------------------------
     def no_space(self, e: OSError, doing: str) -> DiskFullError | None:
         """The one-line error for a write that found the disk full; None when `e` is not that."""
-        if e.errno not in _NO_SPACE:
-            return None
-        return DiskFullError(f"output.dir {self.root}: no space left on device ({_free_space(self.root)} "
-                             f"free) while {doing}; free some space and rerun the same command to resume")
+        return disk_full(self.root, e, doing)
 
     def _os_error(self, e: OSError, doing: str) -> LlavaBatchError:
         """Before any work, a dir that refuses writes is a bad job (exit 2); a full disk is not."""
@@ -291,16 +237,16 @@ class OutputDir:
             {"llava_batch": json.dumps({"empty": True, "fingerprint": self.fingerprint})})
         self._atomic_write(self.captions / EMPTY_FILE, lambda p: pq.write_table(table, p))
 
-    def _chunk_files(self) -> Iterator[tuple[int, int, Path]]:
+    def all_chunk_files(self) -> Iterator[tuple[int, int, Path]]:
         for name in _names(self.captions):
             if m := _CHUNK_RE.match(name):
                 yield int(m.group(1)), int(m.group(2)), self.captions / name
 
-    def _chunk_is_ours(self, path: Path, pf: pq.ParquetFile | None = None) -> bool:
+    def chunk_is_ours(self, path: Path, pf: pq.ParquetFile | None = None) -> bool:
         """Whether the chunk at `path` (open as `pf`, else opened here) is this job's."""
         if pf is None:
-            with _open_chunk(path) as pf:
-                return pf is not None and self._chunk_is_ours(path, pf)
+            with open_chunk(path) as pf:
+                return pf is not None and self.chunk_is_ours(path, pf)
         meta = json.loads((pf.schema_arrow.metadata or {}).get(b"llava_batch", b"{}"))
         if not self.is_ours(meta):
             if not self._warned_foreign:
@@ -315,8 +261,8 @@ class OutputDir:
         shards with a stats marker (complete: not opened; the queue removes a foreign marker before
         rerunning its shard), by the fingerprint in the footer in the others."""
         marked = {int(m.group(1)) for n in _names(self.stats) if (m := _STATS_RE.match(n))}
-        return {(s, c) for s, c, path in self._chunk_files() if shard in (None, s)
-                and (s in marked or self._chunk_is_ours(path))}
+        return {(s, c) for s, c, path in self.all_chunk_files() if shard in (None, s)
+                and (s in marked or self.chunk_is_ours(path))}
 
     def shard_path(self, shard: int) -> Path:
         return self.stats / f"shard-{shard:05d}.json"
@@ -367,36 +313,8 @@ class OutputDir:
         return sorted(self.captions.glob(f"shard-{shard:05d}-chunk-*.parquet"))
 
 
-def error_kind(message: str | None) -> str:
-    """Messages read `<cause>: <detail>`; the cause is what stats count by."""
-    return (message or "").split(":", 1)[0].strip() or "unknown"
-
-
-def shard_stats(out: OutputDir, shard: int, rows: int) -> dict:
-    """Stats of a shard computed from its chunk files, so resumed shards count every run's work."""
-    ok, errors, prompt_tokens, output_tokens, seconds = 0, Counter(), 0, 0, 0.0
-    for path in out.chunk_files(shard):
-        pf = pq.ParquetFile(path)
-        meta = json.loads(pf.schema_arrow.metadata[b"llava_batch"])
-        if not out.is_ours(meta):
-            continue
-        seconds += meta.get("seconds", 0.0)
-        t = pf.read(columns=["status", "error", "n_prompt_tokens", "n_output_tokens"]).to_pydict()
-        for status, err, n_in, n_out in zip(t["status"], t["error"], t["n_prompt_tokens"], t["n_output_tokens"],
-                                            strict=True):
-            if status == "ok":
-                ok += 1
-                prompt_tokens += n_in or 0
-                output_tokens += n_out or 0
-            else:
-                errors[error_kind(err)] += 1
-    return {"shard": shard, "rows": rows, "ok": ok, "errors": sum(errors.values()),
-            "errors_by_kind": dict(errors), "prompt_tokens": prompt_tokens,
-            "output_tokens": output_tokens, "seconds": round(seconds, 3)}
-
-
 @contextlib.contextmanager
-def _open_chunk(path: Path) -> Iterator[pq.ParquetFile | None]:
+def open_chunk(path: Path) -> Iterator[pq.ParquetFile | None]:
     """A committed chunk, footer read; None if it is gone (an overwrite removed it)."""
     try:
         pf = pq.ParquetFile(path)
@@ -410,30 +328,3 @@ def _open_chunk(path: Path) -> Iterator[pq.ParquetFile | None]:
     finally:
         if pf is not None:
             pf.close()
-
-
-def _chunk_statuses(out: OutputDir, path: Path) -> list[str]:
-    """The status column of one of this job's chunks; [] for another job's (or a vanished) chunk."""
-    with _open_chunk(path) as pf:
-        if pf is None or not out._chunk_is_ours(path, pf):
-            return []
-        return pf.read(columns=["status"]).column("status").to_pylist()
-
-
-def read_status(root: str | os.PathLike) -> dict:
-    """Rows done and shards complete. Complete shards count from their stats markers; only the
-    chunks of shards in progress are read, so the cost follows the work in flight, not the job."""
-    out = OutputDir(root)
-    job = out.read_job()
-    if job is None:
-        raise ConfigError(f"{root} is not a llava-batch output dir (no {JOB_FILE})")
-    n_shards = job["plan"]["shards"]
-    done = {s: stats for s, stats in out.done_shards().items() if s < n_shards}
-    counts = Counter(ok=sum(s["ok"] for s in done.values()), error=sum(s["errors"] for s in done.values()))
-    for shard, _, path in out._chunk_files():
-        if shard not in done:
-            counts.update(_chunk_statuses(out, path))
-    failed = [s for s in out.failed_shards() if s not in done]
-    return {"rows": job["manifest"]["num_rows"], "done": counts["ok"] + counts["error"], "ok": counts["ok"],
-            "errors": counts["error"], "shards": n_shards, "shards_complete": len(done),
-            "shards_failed": failed}

@@ -13,8 +13,9 @@ import time
 from collections import deque
 
 from pipeline.config import RunConfig
+from pipeline.data.disk_full import DiskFullError, disk_full_report
 from pipeline.data.manifest import Shard
-from pipeline.data.output import DiskFullError, OutputDir, disk_full_report
+from pipeline.data.output import OutputDir
 from pipeline.executors.leases import Leases
 
 

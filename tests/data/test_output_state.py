@@ -19,7 +19,10 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import JobConfig
 from pipeline.data import output
-from pipeline.data.output import DiskFullError, OutputDir, read_status, shard_stats
+from pipeline.data.disk_full import DiskFullError
+from pipeline.data.output import OutputDir
+from pipeline.data.schema import RESULT_FIELDS
+from pipeline.data.status import read_status, shard_stats
 from pipeline.errors import ConfigError, LlavaBatchError
 from pipeline.executors.leases import Leases
 from pipeline.executors.shard_queue import ShardQueue
@@ -240,7 +243,7 @@ def test_empty_manifest_writes_the_output_schema(job, tmp_path):
                                                            "path": pa.array([], pa.string())})
     job_file, out = job("empty", manifest=manifest)
     assert main(["run", str(job_file)]) == 0
-    names = ["id", "path"] + [f.name for f in output.RESULT_FIELDS]
+    names = ["id", "path"] + [f.name for f in RESULT_FIELDS]
     frame = pd.read_parquet(out / "captions")
     assert len(frame) == 0 and list(frame.columns) == names
     table = ds.dataset(out / "captions").to_table()

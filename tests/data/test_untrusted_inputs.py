@@ -13,6 +13,7 @@ import pytest
 
 from pipeline import shard
 from pipeline.cli import main
+from pipeline.data import deadline_pool
 from pipeline.testing.demo import write_image
 from pipeline.testing.jobs import job_sections, write_job, write_manifest
 
@@ -101,7 +102,7 @@ def test_too_many_stuck_decodes_fail_the_shard_and_a_rerun_finishes_it(tiny_mode
     manifest = write_manifest(tmp_path / "m.parquet", {"path": [str(p) for p in paths]})
     job = write_job(tmp_path / "job.toml", job_sections(
         tiny_model("llava"), manifest, tmp_path / "out", run={"decode_timeout_s": 1}))
-    monkeypatch.setattr(shard._DecodePool, "STUCK_LIMIT", 0)  # the first stuck thread is one too many
+    monkeypatch.setattr(deadline_pool.DeadlinePool, "STUCK_LIMIT", 0)  # the first stuck thread is one too many
     assert main(["run", str(job)]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llava-batch")]
     assert err == ["llava-batch: error: 1 media reads/decodes are stuck past run.decode_timeout_s=1s; "

@@ -1,0 +1,31 @@
+"""The columns of every output chunk: the input's pass-through columns, then the result columns."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+RESULT_FIELDS = [
+    pa.field("row_index", pa.int64()),
+    pa.field("caption", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("n_prompt_tokens", pa.int32()),
+    pa.field("n_output_tokens", pa.int32()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("frames", pa.int32()),
+    pa.field("prompt", pa.string()),
+    pa.field("model", pa.string()),
+]
+RESULT_NAMES = {f.name for f in RESULT_FIELDS}
+
+
+def passthrough_name(name: str) -> str:
+    """An input column that shares a result column's name is kept under `input_<name>`."""
+    return f"input_{name}" if name in RESULT_NAMES else name
+
+
+def output_schema(manifest_schema: pa.Schema, bytes_column: str | None) -> pa.Schema:
+    """The columns of every chunk: the input columns (less the media bytes, renamed where they clash
+    with a result column), then the result columns, as the chunk writer builds them."""
+    fields = [f.with_name(passthrough_name(f.name)) for f in manifest_schema if f.name != bytes_column]
+    return pa.schema(fields + RESULT_FIELDS)
