@@ -47,7 +47,8 @@ class InputConfig:
 @dataclass
 class GenerationConfig:
     prompt: str = "Describe this image in one sentence."
-    max_batch_size: int = 8
+    # KV-cache slots (rows decoded together); "auto" = what fits the device (engine/cache_plan.py).
+    max_batch_size: int | str = "auto"
     max_input_length: int = 4096
     max_output_length: int = 128
     video_frames: int = 8
@@ -57,7 +58,8 @@ class GenerationConfig:
     seed: int = 0
     # "fast": static KV cache + slot refill (pipeline/engine/fast.py); "hf": transformers generate, the reference.
     engine: str = "fast"
-    # Capture the fast engine's decode step as a graph (CUDA graphs / torchair); off on CPU, where it did not help.
+    # Capture the fast engine's decode step as one graph per batch bucket (CUDA / NPU graphs); on the
+    # CPU, which has no graphs, steps are only padded to the buckets.
     compile: bool = False
 
 
@@ -166,7 +168,13 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) and value is None and type(None) in args:
         return None
-    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+    choices = [a for a in args if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+    if len(choices) > 1:  # e.g. int | str: the value must be one of them, checked by validate()
+        if not isinstance(value, tuple(choices)) or isinstance(value, bool):
+            names = " or ".join(c.__name__ for c in choices)
+            raise ConfigError(f"{name} must be {names}, got {type(value).__name__} {value!r}")
+        return value
+    base = choices[0]
     if typing.get_origin(base) is list:
         if isinstance(value, str):
             value = [value]
@@ -214,7 +222,8 @@ def validate(cfg: JobConfig) -> None:
     _require(bool(i.manifest), "input.manifest is required")
     _require(bool(i.path_column or i.bytes_column), "input.path_column or input.bytes_column is required")
     _require(i.max_image_pixels > 0, "input.max_image_pixels must be > 0")
-    _require(g.max_batch_size >= 1, f"generation.max_batch_size must be >= 1, got {g.max_batch_size}")
+    _require(g.max_batch_size == "auto" or isinstance(g.max_batch_size, int) and g.max_batch_size >= 1,
+             f"generation.max_batch_size must be \"auto\" or >= 1, got {g.max_batch_size!r}")
     _require(g.max_input_length >= 1, f"generation.max_input_length must be >= 1, got {g.max_input_length}")
     _require(g.max_output_length >= 1, f"generation.max_output_length must be >= 1, got {g.max_output_length}")
     _require(g.video_frames >= 1, f"generation.video_frames must be >= 1, got {g.video_frames}")

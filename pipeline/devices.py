@@ -10,6 +10,9 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -178,21 +181,23 @@ def synchronize(device: torch.device) -> None:
         torch.npu.synchronize(device)
 
 
-def graph_compile(fn, device: torch.device):
-    """`fn` captured as a graph for `device`: torchair on Ascend, CUDA graphs on CUDA, inductor on CPU.
+@dataclass(frozen=True)
+class GraphAPI:
+    """One accelerator's graph capture, in torch.cuda's shape: `graph()` makes an empty graph,
+    `capture(g, pool=...)` records the ops run inside it, `pool()` a memory pool graphs share."""
 
-    Callers keep tensor shapes static (the fast engine's decode step), so each shape compiles once.
-    """
-    if device.type == "npu" and torch_npu() is not None:
-        try:
-            torchair = importlib.import_module("torchair")
-        except ImportError as e:
-            raise ConfigError("generation.compile on npu needs torchair (ships with torch_npu)") from e
-        config = torchair.CompilerConfig()
-        config.mode = "reduce-overhead"
-        return torch.compile(fn, backend=torchair.get_npu_backend(compiler_config=config), dynamic=False)
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(fn, mode=mode, dynamic=False)
+    graph: Callable[[], object]
+    capture: Callable[..., AbstractContextManager]
+    pool: Callable[[], object]
+
+
+def graph_api(device: torch.device) -> GraphAPI | None:
+    """CUDA graphs on CUDA, ACL graphs (torch_npu's NPUGraph) on Ascend, None where there are none (CPU)."""
+    if device.type == "cuda":
+        return GraphAPI(torch.cuda.CUDAGraph, torch.cuda.graph, torch.cuda.graph_pool_handle)
+    if device.type == "npu" and npu_available():
+        return GraphAPI(torch.npu.NPUGraph, torch.npu.graph, torch.npu.graph_pool_handle)
+    return None
 
 
 def kv_cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -207,11 +212,14 @@ def kv_cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory the device can still hand out (host MemAvailable for the CPU); None when unknown."""
+    """Memory the device can still hand out (host MemAvailable for the CPU); None when unknown.
+    On an accelerator that includes what torch's caching allocator holds but no tensor uses."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+            torch.cuda.memory_allocated(device)
     if device.type == "npu" and npu_available():
-        return torch.npu.mem_get_info(device)[0]
+        return torch.npu.mem_get_info(device)[0] + torch.npu.memory_reserved(device) - \
+            torch.npu.memory_allocated(device)
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)

@@ -72,7 +72,7 @@ def run_job(cfg: JobConfig) -> Summary:
     out.check_compatible(record, cfg.output.mode)  # now with the model's fingerprint
     # Imported only now, as they import torch: everything a bad job fails on is checked above.
     from pipeline import devices
-    from pipeline.shard import open_context
+    from pipeline.shard import cache_record, open_context
 
     # Local devices are checked here, in the parent, before any worker starts or anything is written.
     workers = devices.worker_devices(cfg.run.devices, cfg.model.device) if cfg.run.executor == "local" else []
@@ -86,6 +86,7 @@ def run_job(cfg: JobConfig) -> Summary:
         share = "" if len(mine) == len(shards) else f" of node {cfg.run.node_rank}'s share"
         log.info(f"all {manifest.num_rows} rows{share} already done", extra=PLAIN)
         return _summary(cfg, 0, 0.0)
+    record["plan"]["cache"] = cache_record(cfg, manifest, info)
     pool, owner = make_pool(cfg.run, record, workers, len(shards),
                             lambda device: open_context(cfg, manifest, out, info, record["model"], device))
     try:

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
@@ -30,8 +30,10 @@ from pipeline.data.output import OutputDir
 from pipeline.data.schema import RESULT_FIELDS, passthrough_name
 from pipeline.data.sources import MediaSource, SourceError
 from pipeline.data.status import shard_stats
-from pipeline.engine import check_cache_fits, make_engine
+from pipeline.engine import make_engine
 from pipeline.engine.base import Engine, Request, Result
+from pipeline.engine.cache_plan import CachePlan, longest_job_prompt, plan_cache, slot_length
+from pipeline.logs import log
 from pipeline.model import loader
 from pipeline.model.inspect import ModelInfo
 from pipeline.model.loader import build_prompt
@@ -46,6 +48,7 @@ class JobContext:
     processor: object
     engine: Engine
     model_name: str
+    plan: CachePlan
     source: MediaSource = field(init=False)
 
     def __post_init__(self):
@@ -77,15 +80,39 @@ def _special_tokens(processor) -> re.Pattern | None:
 
 def open_context(cfg: JobConfig, manifest: Manifest, out: OutputDir, info: loader.ModelInfo, model_name: str,
                  device_spec: str) -> JobContext:
-    """Load the model once on `device_spec`: in this process, a worker process or a Ray actor."""
+    """Load the model once on `device_spec`: in this process, a worker process or a Ray actor. The
+    context's config has the plan's slots as generation.max_batch_size."""
     device = devices.resolve_device(device_spec)
     dtype = loader.compute_dtype(info, devices.resolve_dtype(cfg.model.dtype, device), device)
-    if cfg.generation.engine == "fast":
-        check_cache_fits(loader.text_config(info), cfg.generation, device, dtype)
     processor = loader.load_processor(info, cfg.model.trust_remote_code)
+    prompt = job_prompt_length(cfg, manifest, info, processor)
+    kv_dtype = devices.kv_cache_dtype(device, dtype)
+    free = devices.free_memory_bytes(device)
+    # Against what the weights will leave, before they load: a cache that cannot fit is a
+    # configuration error now, not an out-of-memory error after minutes of loading.
+    plan_cache(loader.model_config(info), cfg.generation, prompt, device, kv_dtype,
+               None if free is None else free - loader.weight_bytes(info))
     model = loader.load_model(info, device, dtype, cfg.model.trust_remote_code)
-    engine = make_engine(model, processor, cfg.generation, device)
-    return JobContext(cfg, manifest, out, info, processor, engine, model_name)
+    auto = cfg.generation.max_batch_size == "auto"
+    plan = plan_cache(model.config, cfg.generation, prompt, device, kv_dtype,
+                      devices.free_memory_bytes(device) if auto else None)
+    log.info(plan.line(device))
+    cfg = replace(cfg, generation=replace(cfg.generation, max_batch_size=plan.slots))
+    engine = make_engine(model, processor, cfg.generation, device, plan)
+    return JobContext(cfg, manifest, out, info, processor, engine, model_name, plan)
+
+
+def job_prompt_length(cfg: JobConfig, manifest: Manifest, info: ModelInfo, processor) -> int:
+    column = cfg.input.prompt_column
+    return longest_job_prompt(processor, info, cfg.generation, manifest.max_bytes(column) if column else None)
+
+
+def cache_record(cfg: JobConfig, manifest: Manifest, info: ModelInfo) -> dict:
+    """The device-independent part of the cache plan, for `_job.json` (each worker's slots are in
+    its shards' stats: they depend on its device's memory)."""
+    processor = loader.load_processor(info, cfg.model.trust_remote_code)
+    prompt, positions = slot_length(job_prompt_length(cfg, manifest, info, processor), cfg.generation)
+    return {"max_batch_size": cfg.generation.max_batch_size, "prompt_length": prompt, "slot_length": positions}
 
 
 @dataclass
@@ -254,6 +281,7 @@ def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, lis
     stats = shard_stats(ctx.out, shard.index, shard.stop - shard.start)
     if engine_before:
         stats["engine"] = _engine_stats(ctx.engine.stats, engine_before, time.perf_counter() - started)
+    stats["cache_plan"] = ctx.plan.describe()
     ctx.out.commit_shard(shard.index, stats)
     return stats
 

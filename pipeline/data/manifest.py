@@ -72,6 +72,19 @@ class Manifest:
     def describe(self) -> dict:
         return {"files": [f.path for f in self.files], "num_rows": self.num_rows, "fingerprint": self.fingerprint()}
 
+    def max_bytes(self, column: str) -> int:
+        """The longest value of a string column, in bytes: one column streamed, every file."""
+        longest = 0
+        for f in self.files:
+            with self.fs.open_input_file(f.path) as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=65536, columns=[column]):
+                    values = batch.column(0)
+                    if _is_view(values.type, "string"):  # binary_length has no kernel for views
+                        values = values.cast(pa.large_string())
+                    most = pc.max(pc.binary_length(values)).as_py()
+                    longest = max(longest, most or 0)
+        return longest
+
     def iter_rows(self, start: int, stop: int, batch_rows: int = 256) -> Iterator[tuple[int, pa.RecordBatch]]:
         """Yield (global index of first row, record batch) covering rows [start, stop)."""
         for f in self.files:

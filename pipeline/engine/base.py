@@ -65,9 +65,10 @@ def caption_result(tokens: list[int], n_prompt: int, eos: set[int], tokenizer) -
                   finish_reason="length" if stop is None else "stop")
 
 
-def prompt_too_long(n_prompt: int, max_input_length: int) -> Result:
-    return Result(n_prompt_tokens=n_prompt, error=(
-        f"prompt too long: {n_prompt} tokens (prompt + media) > max_input_length {max_input_length}"))
+def prompt_too_long(n_prompt: int, limit: int, planned: bool = False) -> Result:
+    """`planned`: the limit is the cache plan's longest prompt, below max_input_length."""
+    what = "the longest prompt the job's cache plan holds" if planned else "max_input_length"
+    return Result(n_prompt_tokens=n_prompt, error=f"prompt too long: {n_prompt} tokens (prompt + media) > {what} {limit}")
 
 
 def generation_failed(e: BaseException) -> str:

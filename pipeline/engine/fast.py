@@ -4,9 +4,10 @@
     for request, result in engine.generate_stream(requests):   # completion order
         ...
 
-Each step decodes one token for every live row. Live rows are kept in slots [0, k) (a row that
-finishes below the last one gets the last one moved into its slot), so a step is [k, 1] and an empty
-slot costs nothing; under graph capture every step is [max_batch_size, 1], one shape all run. A row
+The cache's slots and their length are the job's memory plan (cache_plan.py). Each step decodes one
+token for every live row. Live rows are kept in slots [0, k) (a row that finishes below the last one
+gets the last one moved into its slot), so a step is [k, 1] and an empty slot costs nothing; under
+graph capture a step replays the graph of the smallest batch bucket >= k (decode_graphs.py). A row
 that stops (EOS or max_output_length) frees its slot; once a quarter of the slots are free the next
 queued rows are prefilled into them *inside the next decode step* (their prompt tokens ride in the
 same matmuls, decoder.decode_and_prefill), so nobody waits for the slowest caption of a batch,
@@ -30,6 +31,7 @@ import torch
 from pipeline import devices
 from pipeline.config import GenerationConfig
 from pipeline.engine.base import Request, Result, caption_result, eos_ids, prompt_too_long, stage_error
+from pipeline.engine.cache_plan import CachePlan, plan_for_model
 from pipeline.engine.feeder import Feeder
 from pipeline.engine.runner import Runner
 from pipeline.engine.scheduler import Scheduler
@@ -40,14 +42,16 @@ REFILL_FRACTION = 4  # refill once a quarter of the slots are free (benchmarks/R
 
 class FastEngine:
     def __init__(self, model, processor, gen: GenerationConfig, device: torch.device, *,
-                 compile: bool = False, ignore_eos: bool = False, refill_at: int | None = None):
+                 compile: bool = False, ignore_eos: bool = False, refill_at: int | None = None,
+                 plan: CachePlan | None = None):
         self.processor, self.gen, self.device = processor, gen, device
-        self.runner = Runner(model, gen, device, compile=compile)
+        self.plan = plan or plan_for_model(model, gen, device)
+        self.runner = Runner(model, self.plan, gen, device, compile=compile)
         self.cache = self.runner.cache
         self.eos_ids = eos_ids(model.generation_config, processor.tokenizer)
         self.ignore_eos = ignore_eos
-        self.refill_at = refill_at or max(1, gen.max_batch_size // REFILL_FRACTION)
-        self.compact = not compile
+        self.refill_at = refill_at or max(1, self.plan.slots // REFILL_FRACTION)
+        self.compact = True  # always, with or without graphs; a test turns it off to show it changes nothing
         # busy_s = prefill_s (nothing decoding) + decode_s + mixed_s (decode steps carrying a refill)
         self.stats = {"busy_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "mixed_s": 0.0, "steps": 0,
                       "mixed_steps": 0, "prefill_tokens": 0, "generated_tokens": 0}
@@ -69,7 +73,8 @@ class FastEngine:
     @torch.inference_mode()
     def _run(self, tagged: Iterable[tuple[object, Request]]) -> Iterator[Done]:
         sched = Scheduler(self.cache.slots, self.gen.max_output_length, self.eos_ids,
-                          ignore_eos=self.ignore_eos, refill_at=self.refill_at, compact=self.compact)
+                          ignore_eos=self.ignore_eos, refill_at=self.refill_at, max_refill=self.plan.prefill_rows,
+                          compact=self.compact)
         feed = Feeder(self.processor, tagged, lookahead=2 * self.cache.slots)
         try:
             exhausted = False
@@ -96,8 +101,9 @@ class FastEngine:
         for tag, req, enc in items:
             if isinstance(enc, Result):
                 yield tag, req, enc
-            elif len(enc.input_ids) > self.gen.max_input_length:
-                yield tag, req, prompt_too_long(len(enc.input_ids), self.gen.max_input_length)
+            elif len(enc.input_ids) > self.plan.prompt_length:
+                yield tag, req, prompt_too_long(len(enc.input_ids), self.plan.prompt_length,
+                                                self.plan.prompt_length < self.gen.max_input_length)
             else:
                 ready.append(Sequence(tag, req, enc, len(enc.input_ids)))
         return ready

@@ -11,17 +11,12 @@ from torch.nn.utils.rnn import pad_sequence
 from pipeline import devices
 from pipeline.config import GenerationConfig
 from pipeline.engine import multimodal
+from pipeline.engine.cache_plan import CachePlan
+from pipeline.engine.decode_graphs import DecodeGraphs
 from pipeline.engine.sampling import pick
 from pipeline.engine.sequence import Sequence
 from pipeline.model import decoder
-from pipeline.model.kv_cache import GRAPH_WINDOW_BUCKET, WINDOW_BUCKET, KVCache, attention_dims, window_for
-
-
-def cache_shape(text_config, gen: GenerationConfig) -> tuple[int, int, int, int, int]:
-    """(layers, slots, kv_heads, max_len, head_dim) of the fast engine's KV cache."""
-    _, kv_heads, head_dim = attention_dims(text_config)
-    return (text_config.num_hidden_layers, gen.max_batch_size, kv_heads,
-            gen.max_input_length + gen.max_output_length, head_dim)
+from pipeline.model.kv_cache import KVCache, attention_dims, window_for
 
 
 @dataclass
@@ -29,17 +24,20 @@ class StepInputs:
     tokens: torch.Tensor  # [width]: each live slot's last token
     positions: torch.Tensor  # [width]: where each one is written
     window: int  # cache positions attention reads
+    lengths: list[int]  # each one's position + 1, on the host (the npu attention op takes them so)
 
 
 class Runner:
-    def __init__(self, model, gen: GenerationConfig, device: torch.device, *, compile: bool):
+    def __init__(self, model, plan: CachePlan, gen: GenerationConfig, device: torch.device, *, compile: bool):
         self.model, self.gen, self.device = model, gen, device
         self.dtype = next(model.parameters()).dtype
         self.lm = decoder.language_model(model)
-        self.cache = KVCache.allocate(*cache_shape(model.config.text_config, gen),
+        text = model.config.text_config
+        _, kv_heads, head_dim = attention_dims(text)
+        self.cache = KVCache.allocate(text.num_hidden_layers, plan.slots, kv_heads, plan.slot_length, head_dim,
                                       devices.kv_cache_dtype(device, self.dtype), device)
-        self._decode = devices.graph_compile(decoder.decode_step, device) if compile else decoder.decode_step
-        self.window_bucket = GRAPH_WINDOW_BUCKET if compile else WINDOW_BUCKET
+        # After the cache: the graphs hold its addresses.
+        self.graphs = DecodeGraphs(self.lm, self.cache, device) if compile else None
 
     def embed(self, seqs: list[Sequence]) -> list[torch.Tensor]:
         """Prompt embeddings [n_prompt, hidden] of rows of one media kind, one vision-tower call."""
@@ -58,9 +56,10 @@ class Runner:
         for i, seq in enumerate(rows):
             if seq is not None:
                 last[i], pos[i] = seq.tokens[-1], seq.position
-        window = window_for(max(pos), self.cache.max_len, self.window_bucket)
+        window = window_for(max(pos), self.cache.max_len)
         device = self.device
-        return StepInputs(torch.tensor(last, device=device), torch.tensor(pos, device=device), window)
+        return StepInputs(torch.tensor(last, device=device), torch.tensor(pos, device=device), window,
+                          [p + 1 for p in pos])
 
     def step(self, inputs: StepInputs, rows: list[Sequence | None],
              new: list[Sequence]) -> tuple[list[int], list[int]]:
@@ -69,10 +68,13 @@ class Runner:
         args = (self.lm, self.cache, inputs.tokens, inputs.positions, inputs.window)
         if new:
             targets = torch.tensor([s.slot for s in new], device=self.device)
-            logits, prompt_logits = decoder.decode_and_prefill(*args, [s.embeds for s in new], targets)
+            logits, prompt_logits = decoder.decode_and_prefill(*args, [s.embeds for s in new], targets,
+                                                               inputs.lengths)
             first = self._pick(prompt_logits, new)
+        elif self.graphs is not None:
+            logits, first = self.graphs.run(inputs.tokens, inputs.positions), []
         else:
-            logits, first = self._decode(*args), []
+            logits, first = decoder.decode_step(*args, inputs.lengths), []
         return self._pick(logits, rows), first
 
     def move(self, src: int, dst: int, length: int) -> None:

@@ -14,10 +14,11 @@ from pipeline.engine.sequence import Sequence
 
 class Scheduler:
     def __init__(self, slots: int, max_new: int, eos_ids: set[int], *, ignore_eos: bool, refill_at: int,
-                 compact: bool):
+                 compact: bool = True, max_refill: int | None = None):
         self.rows: list[Sequence | None] = [None] * slots
         self.max_new, self.eos_ids, self.ignore_eos = max_new, eos_ids, ignore_eos
         self.refill_at, self.compact = refill_at, compact
+        self.max_refill = max_refill or slots
 
     def free(self) -> list[int]:
         return [i for i, r in enumerate(self.rows) if r is None]
@@ -29,19 +30,20 @@ class Scheduler:
         """(how many queued rows to take now, whether to wait for them); `left()`: rows still queued.
 
         Refill once refill_at slots are free (fewer when fewer rows are left, any when nothing
-        decodes): each refill adds prompt rows to a step, while an empty slot costs nothing (eager)
-        or 1/max_batch_size of a step (graph capture). Wait for input only when nothing decodes.
+        decodes): each refill adds prompt rows to a step, while an empty slot costs nothing (a
+        captured step: at most the padding to its bucket). Never more than max_refill rows at once,
+        the prefill the memory plan made room for. Wait for input only when nothing decodes.
         """
         free = self.rows.count(None)
         idle = free == len(self.rows)
         if free and not exhausted and (idle or free >= min(self.refill_at, left())):
-            return free, idle
+            return min(free, self.max_refill), idle
         return 0, idle
 
     def compaction(self) -> list[tuple[int, int, int]]:
         """Move rows down until the live ones fill slots [0, k), so a step decodes k rows, not all:
-        an empty slot then costs nothing, where it would cost 1/max_batch_size of every step. Off
-        under graph capture, whose step must keep one shape. Returns the (src, dst, length) cache
+        an empty slot then costs nothing, where it would cost 1/max_batch_size of every step (and a
+        captured step replays the graph of k rows' bucket). Returns the (src, dst, length) cache
         moves to make, in order; the rows are already moved here."""
         moves = []
         while self.compact:

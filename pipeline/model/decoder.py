@@ -6,7 +6,8 @@ a W8A16Linear swapped in for an nn.Linear runs here unchanged, and numerics foll
 for step. The liberties: q/k/v and gate/up are each read as one matmul when they are plain
 nn.Linear (pipeline/model/fused_linear.py); bf16 and fp32 linears on the CPU are packed for oneDNN
 (pipeline/model/packed_linear.py: bf16 bit-identical, fp32 to rounding); on the CPU decode attention, RMSNorm and rope are our
-kernels (pipeline/kernels/cpu.py, pipeline/model/layer_ops.py).
+kernels (pipeline/kernels/cpu.py, pipeline/model/layer_ops.py), on Ascend decode attention is torch_npu's
+fused op (pipeline/model/npu_attention.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.kernels import cpu as cpu_kernels
-from pipeline.model import layer_ops
+from pipeline.model import layer_ops, npu_attention
 from pipeline.model.fused_linear import Projections, fuse, pack_single
 from pipeline.model.kv_cache import KVCache, attention_dims
 from pipeline.model.layer_ops import Norm
@@ -163,49 +164,62 @@ def prefill(lm: LanguageModel, cache: KVCache, embeds: torch.Tensor, lengths: to
 
 
 def decode_step(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                window: int) -> torch.Tensor:
+                window: int, lengths: list[int] | None = None) -> torch.Tensor:
     """One token for each of the first n slots: tokens, positions [n] -> logits [n, vocab].
 
-    Eager callers pass the live rows only (the engine keeps them in slots [0, n)); captured graphs
-    pass every slot, whatever the number of live rows, so the shape never changes: idle slots then
-    compute garbage that nobody reads.
+    Eager callers pass the live rows only (the engine keeps them in slots [0, n)), and may pass
+    `lengths`, the positions + 1 as host ints, for the npu attention op; captured graphs
+    (pipeline/engine/decode_graphs.py) the slots of a batch bucket, the free ones among them
+    computing garbage that nobody reads, and no host values.
     """
     x = lm.embed(tokens[:, None])
-    x = _run(lm, x, positions[:, None], _step_attention(lm, cache, positions, window))
+    x = _run(lm, x, positions[:, None], _step_attention(lm, cache, positions, window, lengths))
     return lm.lm_head(lm.norm(x[:, 0]))
 
 
-def _step_attention(lm: LanguageModel, cache: KVCache, positions: torch.Tensor, window: int) -> Attend:
+def _step_attention(lm: LanguageModel, cache: KVCache, positions: torch.Tensor, window: int,
+                    host_lengths: list[int] | None) -> Attend:
     """attend() for a decode step: each slot writes its token at its position, then reads its own
     positions. On the CPU with our kernel (pipeline/kernels/cpu.py) each slot reads up to its own
-    length; otherwise SDPA reads the first `window` positions of every slot under a mask."""
+    length; on Ascend the fused inference attention op does (pipeline/model/npu_attention.py), given
+    host lengths, else under a mask; otherwise SDPA reads the first `window` positions of every slot
+    under a mask."""
     def scale(i: int) -> float:
         return lm.layers[i].layer.self_attn.scaling
 
-    if cache.kernel:
+    if cache.attention == "kernel":
         lengths = positions + 1
         return lambda i, q, k, v, rope: _attend_kernel(cache, i, q, k, v, rope, lengths, lm.sliding_window,
                                                        scale(i))
+    if cache.attention == "npu":
+        # Host lengths bound what is read; the mask is needed without them, or for a sliding window.
+        full = None if host_lengths and not lm.sliding_window else npu_attention.npu_mask(
+            decode_mask(positions, cache.max_len, lm.sliding_window))
+        return lambda i, q, k, v, rope: _merge_heads(
+            _attend_npu(cache, i, *_rotated(lm, q, k, v, rope), positions, host_lengths, full, scale(i)))
     mask = decode_mask(positions, window, lm.sliding_window)
     return lambda i, q, k, v, rope: _merge_heads(
         _attend_step(cache, i, *_rotated(lm, q, k, v, rope), positions, window, mask, scale(i)))
 
 
-@torch.compiler.disable
 def _attend_step(cache: KVCache, layer: int, q, k, v, positions: torch.Tensor, window: int, mask,
                  scale: float) -> torch.Tensor:
-    """Write one token per slot into the cache, then attend over the window.
-
-    Kept out of captured graphs (generation.compile): traced, the in-place cache write becomes a
-    copy of the whole cache every step (functionalization), which costs more than the step itself.
-    """
+    """Write one token per slot into the cache, then attend over the window."""
     cache.write_step(layer, positions, k, v)
     keys, values = cache.view(layer, window, positions.shape[0])
     # The cache may be wider than the model (fp32 on CPU, see devices.kv_cache_dtype).
     return _sdpa(q.to(keys.dtype), keys, values, mask, scale).to(q.dtype)
 
 
-@torch.compiler.disable
+def _attend_npu(cache: KVCache, layer: int, q, k, v, positions: torch.Tensor, lengths: list[int] | None,
+                mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Write one token per slot into the cache, then the npu op over each slot's whole cache."""
+    cache.write_step(layer, positions, k, v)
+    keys, values = cache.layer(layer)
+    n = positions.shape[0]
+    return npu_attention.decode_attention(q, keys[:n], values[:n], scale=scale, lengths=lengths, mask=mask)
+
+
 def _attend_kernel(cache: KVCache, layer: int, q, k, v, rope: Rope, lengths: torch.Tensor,
                    sliding_window: int | None, scale: float) -> torch.Tensor:
     """rope, the cache write and attention of a decode step in one call of our CPU kernel."""
@@ -214,8 +228,8 @@ def _attend_kernel(cache: KVCache, layer: int, q, k, v, rope: Rope, lengths: tor
 
 
 def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                       window: int, prompts: list[torch.Tensor], slots: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       window: int, prompts: list[torch.Tensor], slots: torch.Tensor,
+                       host_lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`decode_step` for the first n slots and the prefill of `prompts` ([n_i, hidden] each) into
     free `slots` (any index), in one pass over the weights.
 
@@ -230,7 +244,7 @@ def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, 
     device = tokens.device
     x = torch.cat([lm.embed(tokens), *prompts])[:, None]
     pos = torch.cat([positions, *(torch.arange(m, device=device) for m in lengths)])
-    step_attend = _step_attention(lm, cache, positions, window)
+    step_attend = _step_attention(lm, cache, positions, window, host_lengths)
     prompt_masks = {m: prefill_mask(m, lm.sliding_window, device) for m in set(lengths)}
 
     runs = _equal_runs(lengths)

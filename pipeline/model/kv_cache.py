@@ -13,23 +13,26 @@ import torch
 
 from pipeline.kernels import cpu as cpu_kernels
 
-# Decode attends over the first `window` cache positions only, rounded up to a multiple of the bucket:
-# reading the whole max_input_length + max_output_length cache each step would cost more than the
-# weights. Eager steps use fine buckets (every position read past the longest row is attention time
-# wasted); captured graphs coarse ones, so there are few shapes to capture.
+# Eager decode attends over the first `window` cache positions only, rounded up to a multiple of
+# this: every position read past the longest row is attention time wasted. (Captured steps read
+# every slot's whole length: engine/decode_graphs.py.)
 WINDOW_BUCKET = 32
-GRAPH_WINDOW_BUCKET = 128
 
 
 @dataclass
 class KVCache:
     data: torch.Tensor  # [layers, 2, slots, kv_heads, max_len, head_dim]
-    # Decode steps read it through our CPU kernel (pipeline/kernels/cpu.py), else through SDPA.
-    # Decided here, once, not per step: a captured step must not trace the check.
-    kernel: bool = field(init=False)
+    # How decode steps read it: "kernel" (our CPU kernel, pipeline/kernels/cpu.py), "npu" (torch_npu's
+    # fused attention, pipeline/model/npu_attention.py) or "sdpa". Decided once, not per step.
+    attention: str = field(init=False)
 
     def __post_init__(self):
-        self.kernel = cpu_kernels.usable(self.data)
+        if cpu_kernels.usable(self.data):
+            self.attention = "kernel"
+        else:
+            # the npu op takes fp16 / bf16 only
+            npu = self.data.device.type == "npu" and self.data.dtype in (torch.float16, torch.bfloat16)
+            self.attention = "npu" if npu else "sdpa"
         self._layers = [(layer[0], layer[1]) for layer in self.data]  # views, made once
 
     @classmethod

@@ -31,9 +31,9 @@ _FORMATS = {
 }
 
 
-def text_config(info: ModelInfo):
-    """The language model's config with transformers' defaults filled in (llava-hf configs omit many)."""
-    return AutoConfig.from_pretrained(info.path, local_files_only=True).text_config
+def model_config(info: ModelInfo):
+    """The model's config with transformers' defaults filled in (llava-hf configs omit many)."""
+    return AutoConfig.from_pretrained(info.path, local_files_only=True)
 
 
 def load_processor(info: ModelInfo, trust_remote_code: bool = False):
@@ -77,11 +77,15 @@ def compute_dtype(info: ModelInfo, dtype: torch.dtype, device: torch.device) -> 
     """devices.compute_dtype for this model's float weights, said once when it differs."""
     if info.quantized:  # W8A16 dirs keep the dtype their int8 kernels take
         return dtype
-    weight_bytes = sum(f.stat().st_size for f in info.path.glob("*.safetensors"))
-    chosen = devices.compute_dtype(dtype, device, weight_bytes)
+    chosen = devices.compute_dtype(dtype, device, weight_bytes(info))
     if chosen != dtype:
         _say_once(f"this CPU has no bf16 arithmetic (torch emulates it): {info.name} runs in float32")
     return chosen
+
+
+def weight_bytes(info: ModelInfo) -> int:
+    """The weights' size on disk: what loading them takes, at the dtype they were saved in."""
+    return sum(f.stat().st_size for f in info.path.glob("*.safetensors"))
 
 
 @functools.cache

@@ -104,7 +104,7 @@ def test_too_many_stuck_decodes_fail_the_shard_and_a_rerun_finishes_it(tiny_mode
         tiny_model("llava"), manifest, tmp_path / "out", run={"decode_timeout_s": 1}))
     monkeypatch.setattr(deadline_pool.DeadlinePool, "STUCK_LIMIT", 0)  # the first stuck thread is one too many
     assert main(["run", str(job)]) == 1
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llava-batch")]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llava-batch: error")]
     assert err == ["llava-batch: error: 1 media reads/decodes are stuck past run.decode_timeout_s=1s; "
                    "is the media storage hanging?"], err
     assert not list((tmp_path / "out" / "captions").glob("*.parquet")), "no row was committed as an error"

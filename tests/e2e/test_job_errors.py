@@ -31,7 +31,9 @@ CASES = {
     "missing model": ({"model": {"path": "/nonexistent/model"}}, "model.path"),
     "missing manifest": ({"input": {"manifest": "/nonexistent/m.parquet"}}, "input.manifest"),
     "missing column": ({"input": {"id_column": "uid"}}, "input.id_column"),
-    "KV cache too big": ({"generation": {"max_input_length": 200_000_000}}, "generation.max_input_length"),
+    # The slots hold the longest prompt the model's media arithmetic gives, not max_input_length: only
+    # what has to be generated can outgrow them.
+    "KV cache too big": ({"generation": {"max_output_length": 200_000_000}}, "max_output_length"),
 }
 
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline import devices
 from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.data.media import decode_media
-from pipeline.engine import make_engine
+from pipeline.engine import decode_graphs, make_engine
 from pipeline.engine.base import Request
 from pipeline.engine.fast import FastEngine
 from pipeline.engine.hf import HFEngine
 from pipeline.model import decoder, loader, packed_linear
 from pipeline.testing.demo import synthetic_image, write_video
+from tests.model.test_npu_attention import make_stub
 
 SIZES = [(96, 72), (72, 96), (128, 48), (80, 80), (64, 112), (100, 60), (48, 128), (90, 90)]
 TEXTS = ["What is in the picture?", "Describe this image in one sentence.", "caption",
@@ -138,7 +140,7 @@ def test_steps_decode_only_the_live_rows(loaded, tmp_path, monkeypatch):
 
 
 def test_without_compaction_every_step_is_full_width_and_nothing_changes(loaded, tmp_path, monkeypatch):
-    """Graph capture keeps rows where they are (one step shape): empty slots then ride along unread."""
+    """Compaction only saves work: with rows left where they are, empty slots ride along unread."""
     info, processor, model = loaded("llava")
     reqs = make_requests(info, processor, tmp_path, n_images=6)
     gen = GenerationConfig(max_batch_size=4, max_output_length=MAX_NEW)
@@ -153,6 +155,60 @@ def test_without_compaction_every_step_is_full_width_and_nothing_changes(loaded,
     engine = FastEngine(model, processor, gen, CPU)
     engine.compact = False
     assert engine.generate(reqs) == expected and set(widths) == {4}
+
+
+@pytest.mark.parametrize("family,slots", [("llava", 5), ("llava_next", 7), ("llava_next_video", 6)])
+def test_steps_padded_to_buckets_give_the_same_captions(family, slots, loaded, plain_model, tmp_path, monkeypatch):
+    """generation.compile: every decode step runs at its batch bucket (the CPU has no graphs, so
+    the padded step runs eagerly, as a captured one would replay it), through refills and compaction."""
+    info, processor, model = loaded(family)
+    reqs = make_requests(info, processor, tmp_path, n_images=9, n_videos=2 if family == "llava_next_video" else 0)
+    gen = GenerationConfig(max_batch_size=slots, max_output_length=MAX_NEW)
+    widths, live, step = [], [], decoder.decode_step
+
+    def recording(lm, cache, tokens, *args):
+        widths.append(len(tokens))
+        return step(lm, cache, tokens, *args)
+
+    engine = FastEngine(model, processor, gen, CPU, compile=True)
+    assert engine.runner.graphs.sizes == decode_graphs.buckets(slots) and not engine.runner.graphs.captured
+    run = engine.runner.graphs.run
+    monkeypatch.setattr(engine.runner.graphs, "run", lambda tokens, positions: live.append(len(tokens)) or
+                        run(tokens, positions))
+    monkeypatch.setattr(decoder, "decode_step", recording)
+    results = engine.generate(reqs)
+    assert set(widths) <= set(decode_graphs.buckets(slots))
+    assert any(w > n for w, n in zip(widths, live, strict=True)), "some steps must have been padded"
+    assert engine.stats["mixed_steps"] > 0, "refills must have come in mid-batch"
+    for req, res in zip(reqs, results, strict=True):
+        assert (res.caption, res.n_output_tokens) == oracle(plain_model(family), processor, req), f"row {req.row_index}"
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_decode_attention_through_the_npu_op_contract(compile, loaded, plain_model, tmp_path, monkeypatch):
+    """The decode path Ascend takes (pipeline/model/npu_attention.py), the op a stub of its documented
+    contract: host lengths when eager, the mask in the steps a graph would replay (padded to buckets)."""
+    calls = []
+    monkeypatch.setattr(devices, "torch_npu", lambda: make_stub(calls=calls))
+    info, processor, model = loaded("llava_next")
+    reqs = make_requests(info, processor, tmp_path, n_images=6)
+    engine = FastEngine(model, processor, GenerationConfig(max_batch_size=3, max_output_length=MAX_NEW), CPU,
+                        compile=compile)
+    engine.cache.attention = "npu"
+    results = engine.generate(reqs)
+    host = [c["actual_seq_lengths_kv"] is not None for c in calls]
+    # Eager steps (refill steps too, under compile) pass host lengths; the bucket steps a mask.
+    assert calls and (not all(host) if compile else all(host))
+    for req, res in zip(reqs, results, strict=True):
+        assert (res.caption, res.n_output_tokens) == oracle(plain_model("llava_next"), processor, req)
+
+
+def test_buckets():
+    assert decode_graphs.buckets(1) == [1]
+    assert decode_graphs.buckets(8) == [1, 2, 4, 8]
+    assert decode_graphs.buckets(12) == [1, 2, 4, 8, 12]
+    assert decode_graphs.buckets(209) == [1, 2, 4, 8, 16, 32, 64, 128, 209]
+    assert [decode_graphs.bucket_for(n, [1, 2, 4, 8, 12]) for n in (1, 2, 3, 5, 9, 12)] == [1, 2, 4, 8, 12, 12]
 
 
 def test_sixteen_rows_sixteen_slots_match_hf_engine(loaded, tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.backends.common import aot_autograd
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -16,9 +15,11 @@ from transformers import (
     MistralConfig,
 )
 
+from pipeline import devices
 from pipeline.kernels import cpu as cpu_kernels
 from pipeline.model import decoder
 from pipeline.model.kv_cache import KVCache, window_for
+from tests.model.test_npu_attention import make_stub
 
 TEXT = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
             num_key_value_heads=2, max_position_embeddings=256)
@@ -32,12 +33,22 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(params=["ours", "torch"])
+@pytest.fixture(params=["ours", "torch", "npu"])
 def kernels(request, monkeypatch):
+    """Our CPU kernels, torch's ops, or Ascend's decode attention (a stub of the op's contract)."""
     if request.param == "ours":
         assert cpu_kernels.available(), "our CPU kernels did not build"
     else:
         monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    if request.param == "npu":
+        monkeypatch.setattr(devices, "torch_npu", lambda: make_stub())
+        made = KVCache.__post_init__
+
+        def npu_cache(self):
+            made(self)
+            self.attention = "npu"
+
+        monkeypatch.setattr(KVCache, "__post_init__", npu_cache)
     return request.param
 
 
@@ -82,7 +93,10 @@ def test_prefill_and_decode_match_transformers(name, kernels):
         for slot, x in rows.items():
             table[slot] = x
         object.__setattr__(lm, "embed", lambda ids, table=table: table[:, None])  # inject the embeddings
-        out = decoder.decode_step(lm, cache, torch.zeros(3, dtype=torch.long), pos, window_for(int(pos.max()), 40))
+        # Host lengths every other step: the npu op's eager mode, then its captured (mask) mode.
+        host = (pos + 1).tolist() if t % 2 else None
+        out = decoder.decode_step(lm, cache, torch.zeros(3, dtype=torch.long), pos, window_for(int(pos.max()), 40),
+                                  host)
         object.__setattr__(lm, "embed", embed)
         torch.testing.assert_close(out[2], expected[0][lengths[0] + t], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out[0], expected[1][lengths[1] + t], rtol=1e-4, atol=1e-4)
@@ -112,32 +126,6 @@ def test_decode_with_prompts_riding_along_matches_separate_passes(name, kernels)
     torch.testing.assert_close(first_mixed, first, rtol=1e-4, atol=1e-4)
     for slot, n in [(0, 10), (2, 15), (3, 4), (1, 7), (5, 7), (4, 12)]:  # what later steps will read
         torch.testing.assert_close(mixed.data[:, :, slot, :, :n], apart.data[:, :, slot, :, :n])
-
-
-@torch.inference_mode()
-def test_captured_decode_step_writes_the_cache_in_place():
-    """generation.compile: traced, an in-place cache write turns into a copy of the whole cache every
-    step (functionalization); the write must stay outside the graphs. aot_autograd traces the way
-    inductor and CUDA graphs do; its forward graphs are inspected for cache-sized tensors."""
-    model = build(CONFIGS["llama-gqa-linear-rope"])
-    lm = decoder.language_model(model)
-    cache = KVCache.allocate(len(lm.layers), 4, lm.kv_heads, 64, lm.head_dim, torch.float32, torch.device("cpu"))
-    cache.data.normal_()
-    eager = KVCache(cache.data.clone())
-    cache_sized = []
-
-    def forward_graph(gm, example_inputs):
-        cache_sized.extend(str(node.target) for node in gm.graph.nodes
-                           if isinstance(node.meta.get("val"), torch.Tensor)
-                           and node.meta["val"].numel() >= cache.data.numel())
-        return gm
-
-    step = torch.compile(decoder.decode_step, backend=aot_autograd(fw_compiler=forward_graph), dynamic=False)
-    tokens, positions = torch.tensor([5, 9, 2, 7]), torch.tensor([3, 10, 0, 6])
-    out = step(lm, cache, tokens, positions, 32)
-    assert cache_sized == []
-    torch.testing.assert_close(out, decoder.decode_step(lm, eager, tokens, positions, 32))
-    torch.testing.assert_close(cache.data, eager.data)
 
 
 def test_other_text_models_are_refused():
