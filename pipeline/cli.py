@@ -78,6 +78,10 @@ def _cmd_bench(args) -> int:
     return cli(args)
 
 
+def _batch_size(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llava-batch", description="Caption images and videos with LLaVA-family models, "
                      "Parquet manifest in, Parquet captions out, exactly-once resume.")
@@ -96,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="write a random-weight model in llava-hf layout (tests, demos, benchmarks)")
     p.add_argument("out_dir")
     p.add_argument("--family", required=True, choices=["llava", "llava_next", "llava_next_video"])
-    p.add_argument("--preset", default="test", choices=["test", "bench"])
+    p.add_argument("--preset", default="test", choices=["test", "bench", "llava-1.5-7b"],
+                   help="llava-1.5-7b: the real 7B shape (CLIP ViT-L/14-336 + a 32-layer 4096-wide Llama)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=None, help="vision tower input size (patch 14)")
     p.add_argument("--no-chat-template", action="store_true", help="write no chat template")
@@ -123,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--prompt", default="Describe this image in one sentence.")
     p.add_argument("--manifest", help="captions: Parquet manifest with a path column")
-    p.add_argument("--max-batch-size", type=int, default=16, help="captions: fast engine slots")
+    p.add_argument("--max-batch-size", type=_batch_size, default=16,
+                   help="captions: fast engine slots, or auto (the memory plan)")
     p.add_argument("--max-output-length", type=int, default=128, help="captions: EOS-driven, up to this")
     p.add_argument("--hf-batch-sizes", default="8,16", help="captions: static batch sizes for the hf loop")
     p.add_argument("--engines", default="fast", help="captions: comma separated, fast and/or hf")

@@ -6,15 +6,23 @@ from __future__ import annotations
 import itertools
 from typing import BinaryIO
 
-import av
 import numpy as np
 
 from pipeline.data.media_errors import MediaError, NotThisKind
+
+try:
+    import av
+except ImportError:  # PyAV is a wheel of its own that some hosts lack: there images still caption
+    av = None
 
 
 def decode_video(fileobj: BinaryIO, n: int, max_pixels: int, sniffed: str | None) -> np.ndarray:
     """`n` frames of the file's first video stream; `sniffed` is what its magic bytes said ("video" or
     None): unsniffed content that FFmpeg does not take for a video is NotThisKind."""
+    if av is None:
+        if sniffed != "video":
+            raise NotThisKind
+        raise MediaError("video decoding needs PyAV, which is not installed (pip install av)")
     try:
         container = av.open(fileobj, mode="r")
     except (av.FFmpegError, OSError, ValueError) as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 
 import torch
 
@@ -24,10 +25,13 @@ from pipeline.engine.base import (
     stage_error,
 )
 from pipeline.engine.batching import batches
+from pipeline.engine.cache_plan import plan_for_model
 
 
 class HFEngine:
     def __init__(self, model, processor, gen: GenerationConfig, device: torch.device):
+        if gen.max_batch_size == "auto":  # batches as many rows as the fast engine would hold slots for
+            gen = replace(gen, max_batch_size=plan_for_model(model, gen, device).slots)
         self.model, self.processor, self.gen, self.device = model, processor, gen, device
         self.dtype = next(model.parameters()).dtype
         self.generation_config = self._generation_config()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +40,8 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (96, 72)) -> Path
 def write_video(path: Path, n_frames: int = 12, size: tuple[int, int] = (64, 48), fps: int = 6, seed: int = 0) -> Path:
     """An mp4 whose frames move and change colour, so sampled frames differ."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    import av  # only here: hosts without PyAV still build images and models
+
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"

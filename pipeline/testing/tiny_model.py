@@ -41,7 +41,11 @@ from pipeline.testing.tiny_tokenizer import (
 from pipeline.testing.tiny_weights import calibrate_eos, init_weights
 
 FAMILIES = ("llava", "llava_next", "llava_next_video")
-PRESETS = ("test", "bench")
+PRESETS = ("test", "bench", "llava-1.5-7b")
+# Presets at a real checkpoint's shape, with its vocabulary size. Built without EOS calibration: that
+# runs the model on the CPU, far too slow at 7B. Their EOS row stays zero like every non-word row, so greedy
+# captions never stop early: they run to max_output_length, which is what a decode benchmark wants.
+FULL_SIZE_VOCAB = {"llava-1.5-7b": 32064}
 
 
 def build_tiny_model(
@@ -66,27 +70,53 @@ def build_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATES[family]  # calibration renders prompts with it
-    config = _build_config(family, preset, size, len(tokenizer))
+    config = _build_config(family, preset, size, FULL_SIZE_VOCAB.get(preset, len(tokenizer)))
     processor = _build_processor(family, config, tokenizer, size)
-    with torch.random.fork_rng(devices=[]):  # the default init draws from (and would move) the global RNG
-        model = families.model_class(families.CLASS_NAMES[family])(config).eval()
-    init_weights(model, seed)  # every parameter, from its own generator: same seed, same bytes
-    # Benchmarks ask for longer captions (decode-bound workloads); None keeps the test calibration.
-    calibrate_eos(model, processor, seed, caption_median)
+    if preset in FULL_SIZE_VOCAB:
+        if caption_median is not None:
+            raise ValueError(f"preset {preset!r} is built without EOS calibration: caption_median does not apply")
+        model = _full_size_model(family, config, seed, len(tokenizer))
+    else:
+        with torch.random.fork_rng(devices=[]):  # the default init draws from (and would move) the global RNG
+            model = families.model_class(families.CLASS_NAMES[family])(config).eval()
+        init_weights(model, seed)  # every parameter, from its own generator: same seed, same bytes
+        # Benchmarks ask for longer captions (decode-bound workloads); None keeps the test calibration.
+        calibrate_eos(model, processor, seed, caption_median)
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False
     )
-    model.save_pretrained(out)
+    # Full-size weights in 5 GB shards, as the llava-hf checkpoints ship them.
+    model.save_pretrained(out, **({"max_shard_size": "5GB"} if preset in FULL_SIZE_VOCAB else {}))
     if not chat_template:
         processor.chat_template = tokenizer.chat_template = None
     processor.save_pretrained(out)
     return out
 
 
+def _full_size_model(family: str, config, seed: int, n_tokens: int):
+    """A model of a full-size preset in fp16 (what llava-hf checkpoints store), made without
+    transformers' default init: init_weights overwrites every parameter anyway, and drawing 7B values
+    twice on the CPU would double the build. Its non-persistent buffers (rope
+    frequencies, CLIP position ids) are left unset: they are not saved, and loading recomputes them."""
+    with torch.device("meta"):
+        model = families.model_class(families.CLASS_NAMES[family])(config)
+    model = model.to(dtype=torch.float16).to_empty(device="cpu").eval()
+    init_weights(model, seed)
+    with torch.no_grad():
+        # The vocabulary keeps the checkpoint's size, past the tokenizer's few hundred words: rows no
+        # token ever looks up, and lm_head rows silenced like init_weights' non-word rows, so greedy
+        # captions stay words the tokenizer can decode.
+        model.lm_head.weight[n_tokens:] = 0.0
+    return model
+
+
 def _build_config(family: str, preset: str, image_size: int, vocab_size: int):
     if preset == "test":
         text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    elif preset == "llava-1.5-7b":  # Vicuna-7B (Llama, no GQA) behind CLIP ViT-L/14-336
+        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
     else:
         text = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8)
         vision = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4)
