@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--caption-median", type=int, default=None, help="override the workload's")
     parser.add_argument("--dtype", default="bfloat16", choices=["auto", "bfloat16", "float32"],
                         help="auto: what a job on this CPU runs in (devices.resolve_dtype)")
+    parser.add_argument("--slots", default="16", help='fast engine slots, or "auto" (the memory plan)')
+    parser.add_argument("--compile", action="store_true", help="generation.compile (on the CPU: bucket padding)")
     args = parser.parse_args()
     spec = WORKLOADS[args.workload]
     work = Path(args.work)
@@ -75,7 +77,7 @@ def main() -> None:
     load_before = os.getloadavg()
     out = work / f"{args.workload}-out"
     fast = bench(model, manifest, out / "fast", "fast", spec["max_output_length"], args.dtype,
-                 ["--max-batch-size", "16"])
+                 ["--max-batch-size", args.slots, *(["--compile"] if args.compile else [])])
     hf = bench(model, manifest, out / "hf", "hf", spec["max_output_length"], args.dtype,
                ["--hf-batch-sizes", args.hf_batch_sizes])
     print(json.dumps(summary(args, spec, fast, hf, load_before), indent=1))
@@ -87,7 +89,8 @@ def summary(args, spec: dict, fast: dict, hf: dict, load_before) -> dict:
     f = fast["fast"]
     peak = fast["machine"][f"{'fp32' if fast['dtype'] == 'float32' else 'bf16'}_matmul_gflop_per_s"]
     return {
-        "workload": args.workload, **spec, "images": args.images, "dtype": fast["dtype"],
+        "workload": args.workload, **spec, "images": args.images, "dtype": fast["dtype"], "slots": args.slots,
+        "compile": args.compile,
         "fast_tokens_per_s": f["tokens_per_s"], "fast_seconds": f["seconds"], "fast_output_tokens": f["output_tokens"],
         "hf": hf["hf"], "hf_best_tokens_per_s": best["tokens_per_s"],
         "speedup_vs_best_hf": round(f["tokens_per_s"] / best["tokens_per_s"], 2),

@@ -22,9 +22,10 @@ from pipeline.model import prompt_length
 from pipeline.model.kv_cache import attention_dims
 
 # Past these, a step's rows stop paying: vLLM and nano-vllm cap their batches the same way. On the
-# CPU a step's cost grows with its rows from the first one, so it keeps the batch of the CPU runs.
+# CPU a step's cost grows with its rows almost from the first one; the cap is the slot count the CPU
+# caption workloads ran best at (benchmarks/RESULTS.md, W1 by slot count).
 ACCELERATOR_MAX_SLOTS = 256
-CPU_MAX_SLOTS = 8
+CPU_MAX_SLOTS = 16
 # Of the memory free after the weights, the share left to the allocator's fragmentation, the
 # runtime's own buffers and the captured graphs' pool.
 MARGIN = 0.10

@@ -106,4 +106,4 @@ def test_nothing_fits_is_one_config_error():
 def test_unknown_free_memory_takes_the_cap():
     plan = plan_cache(config_7b("llava"), GenerationConfig(), 600, CPU, torch.float32, free_bytes=None)
     assert plan.slots == cache_plan.CPU_MAX_SLOTS and plan.free_bytes is None
-    assert "cache plan on cpu: 8 slots x 728 positions" in plan.line(CPU)
+    assert f"cache plan on cpu: {cache_plan.CPU_MAX_SLOTS} slots x 728 positions" in plan.line(CPU)
