@@ -15,6 +15,7 @@ from pipeline.engine.cache_plan import CachePlan
 from pipeline.engine.decode_graphs import DecodeGraphs
 from pipeline.engine.sampling import pick
 from pipeline.engine.sequence import Sequence
+from pipeline.logs import log
 from pipeline.model import decoder
 from pipeline.model.kv_cache import KVCache, attention_dims, window_for
 
@@ -37,7 +38,17 @@ class Runner:
         self.cache = KVCache.allocate(text.num_hidden_layers, plan.slots, kv_heads, plan.slot_length, head_dim,
                                       devices.kv_cache_dtype(device, self.dtype), device)
         # After the cache: the graphs hold its addresses.
-        self.graphs = DecodeGraphs(self.lm, self.cache, device) if compile else None
+        self.graphs = self._graphs(device) if compile else None
+
+    def _graphs(self, device: torch.device) -> DecodeGraphs | None:
+        """The captured decode graphs; a capture the device refuses costs the job its speed-up, not its rows."""
+        try:
+            return DecodeGraphs(self.lm, self.cache, device)
+        except Exception as e:  # noqa: BLE001 - whatever the graph runtime raises, eager still works
+            log.warning(f"generation.compile: graph capture failed on {device} ({type(e).__name__}: {e}); "
+                        "decode steps run eagerly")
+            devices.empty_cache(device)
+            return None
 
     def embed(self, seqs: list[Sequence]) -> list[torch.Tensor]:
         """Prompt embeddings [n_prompt, hidden] of rows of one media kind, one vision-tower call."""

@@ -324,3 +324,19 @@ def test_bf16_runs_packed_with_a_bf16_cache_and_agrees_mostly(tiny_model, tmp_pa
     hf = [HFEngine(model, processor, gen, CPU).generate([r])[0] for r in reqs]
     assert all(r.error is None for r in fast)
     assert sum(a.caption.split()[:3] == b.caption.split()[:3] for a, b in zip(fast, hf, strict=True)) >= 6
+
+
+def test_a_refused_graph_capture_falls_back_to_eager(loaded, tmp_path, monkeypatch, caplog):
+    """A device whose graph runtime raises at capture still captions every row, eagerly, saying why."""
+    from pipeline.engine import runner
+
+    def refused(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runner, "DecodeGraphs", refused)
+    info, processor, model = loaded("llava")
+    reqs = make_requests(info, processor, tmp_path, n_images=4)
+    gen = GenerationConfig(max_batch_size=2, max_output_length=MAX_NEW)
+    engine = FastEngine(model, processor, gen, CPU, compile=True)
+    assert engine.runner.graphs is None and "graph capture failed" in caplog.text
+    assert engine.generate(reqs) == FastEngine(model, processor, gen, CPU).generate(reqs)
