@@ -197,6 +197,18 @@ def main(argv: list[str] | None = None) -> int:
             signum = seen[0] if seen else signal.SIGINT
             log.warning(f"{_STOP_NAMES[signum]}; rerun the same command to resume")
             return 128 + signum
+        except BaseException as e:
+            if not _rank_lost(e):
+                raise
+            log.error(f"error: {e}; rerun the same command to resume")
+            return 1
+
+
+def _rank_lost(e: BaseException) -> bool:
+    """A tensor parallel group that lost a rank in this process (the in-process executor): looked
+    up where it is defined, as that module is only imported once torch is."""
+    steps = sys.modules.get("pipeline.engine.tp_steps")
+    return steps is not None and isinstance(e, steps.RankLost)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,9 @@ class RunConfig:
     progress: bool = True
     # Scale-out (pipeline/executors): one worker per device entry; "auto" = every accelerator, else one CPU.
     devices: list[str] = field(default_factory=lambda: ["auto"])
+    # Ranks a model is sharded over (fast engine): devices are cut into groups of this many, one worker each.
+    tensor_parallel: int = 1
+    master_port: int = 20030  # each group's rendezvous, as MindIE's MASTER_PORT; a free one when taken
     executor: str = "local"
     ray_address: str = "auto"
     max_retries: int = 2
@@ -248,6 +251,10 @@ def _validate_scaleout(r: RunConfig, o: OutputConfig) -> None:
     _require(r.devices == ["auto"] or all(d.split(":")[0] in ("cpu", "cuda", "npu") for d in r.devices),
              f"run.devices must be \"auto\" or a list of cpu|cuda[:i]|npu[:i], got {r.devices!r}")
     _require(r.executor in ("local", "ray"), f"run.executor must be local|ray, got {r.executor!r}")
+    _require(r.tensor_parallel in (1, 2, 4, 8), f"run.tensor_parallel must be 1, 2, 4 or 8, got {r.tensor_parallel}")
+    _require(0 < r.master_port < 65536, f"run.master_port must be a TCP port, got {r.master_port}")
+    _require(r.tensor_parallel == 1 or r.executor == "local",
+             "run.tensor_parallel > 1 runs with run.executor = \"local\" (Ray placement groups are not done yet)")
     _require(r.max_retries >= 0, f"run.max_retries must be >= 0, got {r.max_retries}")
     _require(r.num_nodes >= 1, f"run.num_nodes must be >= 1, got {r.num_nodes}")
     _require(0 <= r.node_rank < r.num_nodes, f"run.node_rank must be in [0, {r.num_nodes}), got {r.node_rank}")

@@ -100,20 +100,25 @@ def worker_devices(run_devices: list[str], model_device: str) -> list[str]:
 
 
 def worker_env(device: str, cpu_workers: int) -> tuple[dict[str, str], str]:
-    """(environment for a fresh worker process, the device it then names) for `device`.
+    """(environment for a fresh worker process, the device it then names) for `device`, or for a
+    tensor parallel group "dev+dev+...".
 
-    The worker sees only its own accelerator, set before torch initialises it, so it always uses
-    index 0. An index counts within what this process already sees (a scheduler may have set it).
+    The worker sees only its own accelerators, set before torch initialises them, so it names them
+    from index 0. An index counts within what this process already sees (a scheduler may have set it).
     """
-    kind, _, index = device.partition(":")
+    group = device.split("+")
+    kind = group[0].partition(":")[0]
     if kind == "cpu":
-        # Several CPU workers share the cores instead of each spawning a thread per core.
-        threads = str(max(1, (os.cpu_count() or 1) // max(1, cpu_workers)))
-        return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads}, "cpu"
+        # Several CPU workers (and ranks) share the cores instead of each spawning a thread per core.
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, cpu_workers * len(group))))
+        return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads}, "+".join(["cpu"] * len(group))
     var = _VISIBLE_ENV[kind]
     visible = [v for v in os.environ.get(var, "").split(",") if v.strip()]
-    idx = int(index or 0)
-    return {var: visible[idx] if idx < len(visible) else str(idx)}, f"{kind}:0"
+    ids = []
+    for spec in group:
+        idx = int(spec.partition(":")[2] or 0)
+        ids.append(visible[idx] if idx < len(visible) else str(idx))
+    return {var: ",".join(ids)}, "+".join(f"{kind}:{i}" for i in range(len(group)))
 
 
 def ray_actor_options(kind: str) -> tuple[dict, str]:
@@ -127,6 +132,22 @@ def ray_actor_options(kind: str) -> tuple[dict, str]:
     if kind == "cuda":
         return {"num_gpus": 1, "num_cpus": 1}, "cuda:0"
     return {"num_cpus": 1}, "cpu"
+
+
+def collective_backend(device: torch.device) -> str:
+    """torch.distributed's backend for tensor parallel ranks on `device`."""
+    return {"npu": "hccl", "cuda": "nccl"}.get(device.type, "gloo")
+
+
+def device_groups(workers: list[str], size: int) -> list[str]:
+    """`workers` (one device each) cut into groups of `size`, each written "dev+dev+..." (one worker
+    of `size` ranks); ConfigError when they do not divide."""
+    if size == 1:
+        return workers
+    if len(workers) < size or len(workers) % size:
+        raise ConfigError(f"run.tensor_parallel = {size} needs a multiple of {size} devices, "
+                          f"got {len(workers)} ({', '.join(workers)})")
+    return ["+".join(workers[i:i + size]) for i in range(0, len(workers), size)]
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:

@@ -72,10 +72,12 @@ def run_job(cfg: JobConfig) -> Summary:
     out.check_compatible(record, cfg.output.mode)  # now with the model's fingerprint
     # Imported only now, as they import torch: everything a bad job fails on is checked above.
     from pipeline import devices
-    from pipeline.shard import cache_record, open_context
+    from pipeline.shard import cache_record, open_context, tensor_parallel_groups
 
     # Local devices are checked here, in the parent, before any worker starts or anything is written.
     workers = devices.worker_devices(cfg.run.devices, cfg.model.device) if cfg.run.executor == "local" else []
+    if cfg.run.tensor_parallel > 1:
+        workers = tensor_parallel_groups(cfg, info, workers)
     out = OutputDir(cfg.output.dir, record["fingerprint"])  # read back, only this job's files count
     shards = manifest.plan(cfg.output.rows_per_shard)
     if not shards:

@@ -33,6 +33,7 @@ from pipeline.data.status import shard_stats
 from pipeline.engine import make_engine
 from pipeline.engine.base import Engine, Request, Result
 from pipeline.engine.cache_plan import CachePlan, longest_job_prompt, plan_cache, slot_length
+from pipeline.errors import ConfigError
 from pipeline.logs import log
 from pipeline.model import loader
 from pipeline.model.inspect import ModelInfo
@@ -80,9 +81,11 @@ def _special_tokens(processor) -> re.Pattern | None:
 
 def open_context(cfg: JobConfig, manifest: Manifest, out: OutputDir, info: loader.ModelInfo, model_name: str,
                  device_spec: str) -> JobContext:
-    """Load the model once on `device_spec`: in this process, a worker process or a Ray actor. The
-    context's config has the plan's slots as generation.max_batch_size."""
-    device = devices.resolve_device(device_spec)
+    """Load the model once on `device_spec` (or a tensor parallel group, "dev+dev+...", of which this
+    process is rank 0): in this process, a worker process or a Ray actor. The context's config has
+    the plan's slots as generation.max_batch_size."""
+    group = device_spec.split("+")
+    device = devices.resolve_device(group[0])
     dtype = loader.compute_dtype(info, devices.resolve_dtype(cfg.model.dtype, device), device)
     processor = loader.load_processor(info, cfg.model.trust_remote_code)
     prompt = job_prompt_length(cfg, manifest, info, processor)
@@ -90,16 +93,47 @@ def open_context(cfg: JobConfig, manifest: Manifest, out: OutputDir, info: loade
     free = devices.free_memory_bytes(device)
     # Against what the weights will leave, before they load: a cache that cannot fit is a
     # configuration error now, not an out-of-memory error after minutes of loading.
+    world = len(group)
     plan_cache(loader.model_config(info), cfg.generation, prompt, device, kv_dtype,
-               None if free is None else free - loader.weight_bytes(info))
-    model = loader.load_model(info, device, dtype, cfg.model.trust_remote_code)
+               None if free is None else free - loader.weight_bytes(info) // world, world=world)
+    model, leader = _load(cfg, info, group, device, dtype)
     auto = cfg.generation.max_batch_size == "auto"
     plan = plan_cache(model.config, cfg.generation, prompt, device, kv_dtype,
-                      devices.free_memory_bytes(device) if auto else None)
+                      devices.free_memory_bytes(device) if auto else None, world=world)
     log.info(plan.line(device))
     cfg = replace(cfg, generation=replace(cfg.generation, max_batch_size=plan.slots))
-    engine = make_engine(model, processor, cfg.generation, device, plan)
+    engine = make_engine(model, processor, cfg.generation, device, plan, tp=leader)
     return JobContext(cfg, manifest, out, info, processor, engine, model_name, plan)
+
+
+def _load(cfg: JobConfig, info: ModelInfo, group: list[str], device, dtype):
+    """(the model, the tensor parallel Leader or None): the whole model, or rank 0's shard with the
+    group's other ranks started beside it."""
+    if len(group) == 1:
+        return loader.load_model(info, device, dtype, cfg.model.trust_remote_code), None
+    from pipeline.engine import tp_group
+    from pipeline.engine.tp_steps import Leader
+    from pipeline.model.tensor_parallel import load_shard
+
+    place, _ = tp_group.start(group, str(info.path), dtype, cfg.run.master_port, cfg.run.worker_timeout_s)
+    model = load_shard(loader.MODEL_CLASSES[info.family], info, device, dtype, place)
+    return model, Leader(device, dtype, model.config.text_config.hidden_size)
+
+
+def tensor_parallel_groups(cfg: JobConfig, info: ModelInfo, workers: list[str]) -> list[str]:
+    """The local devices cut into run.tensor_parallel-sized groups, one worker each; ConfigError
+    (exit 2, before any weight loads) for what the model or the job cannot shard."""
+    from pipeline.model.tensor_parallel import check_divides
+
+    size = cfg.run.tensor_parallel
+    if info.quantized:
+        raise ConfigError("run.tensor_parallel > 1 with a W8A16 model dir is not supported yet")
+    if cfg.generation.engine != "fast":
+        raise ConfigError("run.tensor_parallel > 1 needs generation.engine = \"fast\" (the hf engine runs on one device)")
+    check_divides(loader.model_config(info).text_config, size)
+    if workers == ["cpu"] and cfg.run.devices == ["auto"]:
+        workers = ["cpu"] * size  # the CPU has no device count: "auto" gives the group its ranks
+    return devices.device_groups(workers, size)
 
 
 def job_prompt_length(cfg: JobConfig, manifest: Manifest, info: ModelInfo, processor) -> int:

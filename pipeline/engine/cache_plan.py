@@ -69,9 +69,10 @@ def slot_length(prompt_length: int, gen: GenerationConfig) -> tuple[int, int]:
     return prompt, prompt + gen.max_output_length
 
 
-def bytes_per_slot(text_config, positions: int, itemsize: int) -> int:
+def bytes_per_slot(text_config, positions: int, itemsize: int, world: int = 1) -> int:
+    """On one rank: under tensor parallel it holds 1/world of the KV heads."""
     _, kv_heads, head_dim = attention_dims(text_config)
-    return 2 * text_config.num_hidden_layers * kv_heads * head_dim * positions * itemsize
+    return 2 * text_config.num_hidden_layers * (kv_heads // world) * head_dim * positions * itemsize
 
 
 def activation_bytes(config, rows: int, prompt_length: int, tiles: int, itemsize: int) -> int:
@@ -102,11 +103,11 @@ def vision_tiles(config, video_frames: int) -> int:
 
 
 def plan_cache(config, gen: GenerationConfig, prompt_length: int, device: torch.device, kv_dtype: torch.dtype,
-               free_bytes: int | None) -> CachePlan:
+               free_bytes: int | None, world: int = 1) -> CachePlan:
     """The plan for this job on `device`, given what it has free after the weights; ConfigError when
     not even one slot (or the job's explicit max_batch_size) fits."""
     prompt, positions = slot_length(prompt_length, gen)
-    per_slot = bytes_per_slot(config.text_config, positions, kv_dtype.itemsize)
+    per_slot = bytes_per_slot(config.text_config, positions, kv_dtype.itemsize, world)
     itemsize = kv_dtype.itemsize
     auto = gen.max_batch_size == "auto"
     cap = (CPU_MAX_SLOTS if device.type == "cpu" else ACCELERATOR_MAX_SLOTS) if auto else gen.max_batch_size

@@ -9,6 +9,7 @@ from pipeline.engine.base import Engine
 from pipeline.engine.cache_plan import CachePlan
 from pipeline.engine.fast import FastEngine
 from pipeline.engine.hf import HFEngine
+from pipeline.engine.tp_steps import Leader
 from pipeline.logs import log
 from pipeline.model import decoder
 
@@ -17,14 +18,14 @@ _HF_ONLY = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_token
             "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "num_beams": 1}
 
 
-def make_engine(model, processor, gen: GenerationConfig, device: torch.device, plan: CachePlan | None = None
-                ) -> Engine:
+def make_engine(model, processor, gen: GenerationConfig, device: torch.device, plan: CachePlan | None = None,
+                tp: Leader | None = None) -> Engine:
     """The engine `[generation] engine` asks for; "fast" falls back to "hf" (saying why) when it must.
     `gen.max_batch_size` is a number here: the plan's slots when the job said "auto"."""
     if gen.engine == "fast":
         reason = unsupported(model)
         if reason is None:
-            return FastEngine(model, processor, gen, device, compile=gen.compile, plan=plan)
+            return FastEngine(model, processor, gen, device, compile=gen.compile, plan=plan, tp=tp)
         log.warning(f"using the hf engine: {reason}")
     return HFEngine(model, processor, gen, device)
 

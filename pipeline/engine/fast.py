@@ -36,6 +36,7 @@ from pipeline.engine.feeder import Feeder
 from pipeline.engine.runner import Runner
 from pipeline.engine.scheduler import Scheduler
 from pipeline.engine.sequence import Done, Sequence, by_kind
+from pipeline.engine.tp_steps import Leader
 
 REFILL_FRACTION = 4  # refill once a quarter of the slots are free (benchmarks/RESULTS.md: refill threshold)
 
@@ -43,10 +44,10 @@ REFILL_FRACTION = 4  # refill once a quarter of the slots are free (benchmarks/R
 class FastEngine:
     def __init__(self, model, processor, gen: GenerationConfig, device: torch.device, *,
                  compile: bool = False, ignore_eos: bool = False, refill_at: int | None = None,
-                 plan: CachePlan | None = None):
+                 plan: CachePlan | None = None, tp: Leader | None = None):
         self.processor, self.gen, self.device = processor, gen, device
         self.plan = plan or plan_for_model(model, gen, device)
-        self.runner = Runner(model, self.plan, gen, device, compile=compile)
+        self.runner = Runner(model, self.plan, gen, device, compile=compile, tp=tp)
         self.cache = self.runner.cache
         self.eos_ids = eos_ids(model.generation_config, processor.tokenizer)
         self.ignore_eos = ignore_eos

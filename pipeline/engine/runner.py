@@ -3,7 +3,9 @@ prefill and decode step, run through the decoder (pipeline/model/decoder.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -15,9 +17,12 @@ from pipeline.engine.cache_plan import CachePlan
 from pipeline.engine.decode_graphs import DecodeGraphs
 from pipeline.engine.sampling import pick
 from pipeline.engine.sequence import Sequence
+from pipeline.engine.tp_steps import Leader, RankLost
 from pipeline.logs import log
 from pipeline.model import decoder
-from pipeline.model.kv_cache import KVCache, attention_dims, window_for
+from pipeline.model.kv_cache import KVCache, window_for
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -28,15 +33,24 @@ class StepInputs:
     lengths: list[int]  # each one's position + 1, on the host (the npu attention op takes them so)
 
 
+def allocate_cache(lm: decoder.LanguageModel, plan: CachePlan, device: torch.device, dtype: torch.dtype) -> KVCache:
+    """The KV cache of this rank: its own KV heads only under tensor parallel."""
+    return KVCache.allocate(len(lm.layers), plan.slots, lm.kv_heads, plan.slot_length, lm.head_dim,
+                            devices.kv_cache_dtype(device, dtype), device)
+
+
 class Runner:
-    def __init__(self, model, plan: CachePlan, gen: GenerationConfig, device: torch.device, *, compile: bool):
-        self.model, self.gen, self.device = model, gen, device
+    def __init__(self, model, plan: CachePlan, gen: GenerationConfig, device: torch.device, *, compile: bool,
+                 tp: Leader | None = None):
+        self.model, self.gen, self.device, self.tp = model, gen, device, tp
         self.dtype = next(model.parameters()).dtype
         self.lm = decoder.language_model(model)
-        text = model.config.text_config
-        _, kv_heads, head_dim = attention_dims(text)
-        self.cache = KVCache.allocate(text.num_hidden_layers, plan.slots, kv_heads, plan.slot_length, head_dim,
-                                      devices.kv_cache_dtype(device, self.dtype), device)
+        self.cache = allocate_cache(self.lm, plan, device, self.dtype)
+        if tp is not None:
+            tp.plan(plan.slots, plan.slot_length)
+            if compile:
+                log.warning("generation.compile is not used with run.tensor_parallel > 1 yet: decode runs eagerly")
+                compile = False
         # After the cache: the graphs hold its addresses.
         self.graphs = self._graphs(device) if compile else None
 
@@ -59,7 +73,9 @@ class Runner:
         embeds = self.embed(seqs)
         lengths = torch.tensor([len(e) for e in embeds], device=self.device)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        logits = decoder.prefill(self.lm, self.cache, pad_sequence(embeds, batch_first=True), lengths, slots)
+        padded = pad_sequence(embeds, batch_first=True)
+        logits = self._on_ranks(lambda: self.tp.prefill(padded, lengths, slots),
+                                lambda: decoder.prefill(self.lm, self.cache, padded, lengths, slots))
         return self._pick(logits, seqs)
 
     def step_inputs(self, rows: list[Sequence | None]) -> StepInputs:
@@ -77,19 +93,37 @@ class Runner:
         """One token for every row, with the prefill of `new` (embedded) riding along: returns (a
         token per row, the first token of each new row)."""
         args = (self.lm, self.cache, inputs.tokens, inputs.positions, inputs.window)
+        host = self.cache.attention == "npu"
         if new:
             targets = torch.tensor([s.slot for s in new], device=self.device)
-            logits, prompt_logits = decoder.decode_and_prefill(*args, [s.embeds for s in new], targets,
-                                                               inputs.lengths)
+            prompts = [s.embeds for s in new]
+            logits, prompt_logits = self._on_ranks(
+                lambda: self.tp.mixed(inputs.tokens, inputs.positions, inputs.window, host, prompts, targets),
+                lambda: decoder.decode_and_prefill(*args, prompts, targets, inputs.lengths if host else None))
             first = self._pick(prompt_logits, new)
         elif self.graphs is not None:
             logits, first = self.graphs.run(inputs.tokens, inputs.positions), []
         else:
-            logits, first = decoder.decode_step(*args, inputs.lengths), []
+            logits = self._on_ranks(lambda: self.tp.decode(inputs.tokens, inputs.positions, inputs.window, host),
+                                    lambda: decoder.decode_step(*args, inputs.lengths if host else None))
+            first = []
         return self._pick(logits, rows), first
 
     def move(self, src: int, dst: int, length: int) -> None:
-        self.cache.move(src, dst, length)
+        self._on_ranks(lambda: self.tp.move(src, dst, length), lambda: self.cache.move(src, dst, length))
+
+    def _on_ranks(self, announce: Callable[[], None], call: Callable[[], T]) -> T:
+        """`call` here, announced first to the other ranks under tensor parallel. There a failure
+        cannot be confined to rows: the ranks would leave step, so it ends the group (RankLost)."""
+        if self.tp is None:
+            return call()
+        try:
+            announce()
+            return call()
+        except RankLost:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure mid-collective
+            raise RankLost(f"a tensor parallel step failed on rank 0: {type(e).__name__}: {e}") from e
 
     def _pick(self, logits: torch.Tensor, rows: list[Sequence | None]) -> list[int]:
         return pick(logits, rows, self.gen.do_sample, self.gen.temperature, self.gen.top_p)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,6 +37,7 @@ class Block:
     gate_up: Projections
     input_norm: Norm  # pipeline/model/layer_ops.py
     post_norm: Norm
+    reduce: Callable[[torch.Tensor], torch.Tensor]  # sums a row-parallel output over the ranks (tensor parallel)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class LanguageModel:
     norm: Norm
     rotary: nn.Module
     lm_head: nn.Module
-    kv_heads: int
+    kv_heads: int  # this rank's
     head_dim: int
     sliding_window: int | None
     fused_ops: bool  # pipeline/model/layer_ops.py
@@ -70,6 +72,10 @@ def language_model(model: nn.Module) -> LanguageModel:
     text = model.config.text_config
     lm = model.model.language_model
     _, kv_heads, head_dim = attention_dims(text)
+    place = getattr(model, "tensor_parallel", None)  # pipeline/model/tensor_parallel.py
+    world = place.world if place else 1
+    kv_heads //= world
+    reduce = _all_reduce if world > 1 else _identity
     fused = layer_ops.ours(model)
     blocks = []
     for layer in lm.layers:
@@ -78,10 +84,19 @@ def language_model(model: nn.Module) -> LanguageModel:
         pack_single(mlp, "down_proj")
         blocks.append(Block(layer, fuse(attn, ["q_proj", "k_proj", "v_proj"]), fuse(mlp, ["gate_proj", "up_proj"]),
                             layer_ops.norm(layer.input_layernorm, fused),
-                            layer_ops.norm(layer.post_attention_layernorm, fused)))
+                            layer_ops.norm(layer.post_attention_layernorm, fused), reduce))
     pack_single(model, "lm_head")
     return LanguageModel(lm.embed_tokens, blocks, layer_ops.norm(lm.norm, fused), lm.rotary_emb, model.lm_head,
                          kv_heads, head_dim, getattr(text, "sliding_window", None), fused)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(x)
+    return x
 
 
 # attend(layer index, q, k, v, rope) -> [batch, seq, heads * head_dim]: q, k, v [batch, seq, heads,
@@ -95,9 +110,9 @@ def _layer(index: int, block: Block, x: torch.Tensor, rope: Rope, attend: Attend
     attn, mlp = layer.self_attn, layer.mlp
     shape = (*x.shape[:2], -1, attn.head_dim)
     q, k, v = (t.view(shape) for t in block.qkv(block.input_norm(x)))
-    x = x + attn.o_proj(attend(index, q, k, v, rope))
+    x = x + block.reduce(attn.o_proj(attend(index, q, k, v, rope)))
     gate, up = block.gate_up(block.post_norm(x))
-    return x + mlp.down_proj(mlp.act_fn(gate) * up)  # LlamaMLP.forward, on the fused gate/up
+    return x + block.reduce(mlp.down_proj(mlp.act_fn(gate) * up))  # LlamaMLP.forward, on the fused gate/up
 
 
 def _run(lm: LanguageModel, x: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:

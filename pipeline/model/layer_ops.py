@@ -22,7 +22,8 @@ Norm = Callable[[torch.Tensor], torch.Tensor]
 
 def ours(model: nn.Module) -> bool:
     """Whether this model's decoder runs our fused CPU ops."""
-    return next(model.parameters()).device.type == "cpu" and cpu_kernels.available()
+    # lm_head, not the first parameter: a tensor parallel rank > 0 keeps the vision tower on meta
+    return model.lm_head.weight.device.type == "cpu" and cpu_kernels.available()
 
 
 def norm(module: nn.Module, fused: bool) -> Norm:

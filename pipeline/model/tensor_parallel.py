@@ -1,0 +1,131 @@
+"""Tensor parallel weights: each rank builds the model on the meta device and reads only its shard
+of every language-model linear straight from the safetensors files (slices, never the whole
+tensor), as gpt-fast's tp.py shards them: q/k/v and gate/up by output rows (column parallel: each
+rank holds whole heads), o/down by input columns (row parallel: their outputs are partial sums,
+all-reduced by the decoder). Embeddings, norms and lm_head are replicated. The vision tower and
+the projector are read by rank 0 only, which alone embeds prompts and sends the embeddings with
+each step; on the other ranks they stay on meta and cost nothing.
+
+Peak memory per rank is then about the language model / world size plus the replicated parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pipeline.errors import ConfigError
+from pipeline.model.inspect import ModelInfo
+from pipeline.model.kv_cache import attention_dims
+
+COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+ROW = ("self_attn.o_proj", "mlp.down_proj")
+RANK0_ONLY = ("model.vision_tower.", "model.multi_modal_projector.", "model.image_newline")
+
+
+@dataclass(frozen=True)
+class Placement:
+    rank: int
+    world: int
+
+
+def check_divides(text_config, world: int) -> None:
+    """ConfigError unless `world` ranks can each hold whole attention and KV heads (and MLP columns)."""
+    heads, kv_heads, _ = attention_dims(text_config)
+    for what, n in (("attention heads", heads), ("KV heads", kv_heads),
+                    ("MLP columns", text_config.intermediate_size)):
+        if n % world:
+            raise ConfigError(f"run.tensor_parallel = {world} does not divide the model's {n} {what}")
+
+
+def _kind(name: str) -> str | None:
+    """"column", "row" or None (replicated) for an hf parameter name."""
+    if not name.startswith("model.language_model.layers."):
+        return None
+    module = name.rsplit(".", 1)[0]
+    if module.endswith(COLUMN):
+        return "column"
+    if module.endswith(ROW):
+        return "row"
+    return None
+
+
+def _swap_linears(model: nn.Module, world: int) -> None:
+    """Every sharded linear replaced by an empty one of its shard's shape (on meta)."""
+    for name, module in list(model.named_modules()):
+        kind = _kind(name + ".weight")
+        if kind is None or not isinstance(module, nn.Linear):
+            continue
+        out_f, in_f = module.out_features, module.in_features
+        shape = (out_f // world, in_f) if kind == "column" else (out_f, in_f // world)
+        new = nn.Linear(shape[1], shape[0], bias=module.bias is not None, device="meta", dtype=module.weight.dtype)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+
+
+def _shard(f, key: str, kind: str | None, attr: str, place: Placement) -> torch.Tensor:
+    """This rank's part of one checkpoint tensor, read as a slice."""
+    view = f.get_slice(key)
+    shape = view.get_shape()
+    if kind == "column":
+        step = shape[0] // place.world
+        return view[place.rank * step:(place.rank + 1) * step]
+    if kind == "row" and attr == "weight":
+        step = shape[1] // place.world
+        return view[:, place.rank * step:(place.rank + 1) * step]
+    if kind == "row":  # a row-parallel bias is added once, after the all-reduce sums the shards
+        tensor = view[:]
+        return tensor if place.rank == 0 else torch.zeros_like(tensor)
+    return view[:]
+
+
+@torch.no_grad()
+def load_shard(model_cls, info: ModelInfo, device: torch.device, dtype: torch.dtype, place: Placement) -> nn.Module:
+    """This rank's model: sharded language-model linears, replicated rest (rank 0 only: the vision
+    side), everything else left on meta."""
+    from transformers import AutoConfig
+
+    from quant import names
+    from quant.load import _params_on_meta
+
+    config = AutoConfig.from_pretrained(info.path, local_files_only=True)
+    check_divides(config.text_config, place.world)
+    with _params_on_meta(dtype):
+        model = model_cls(config)
+    _swap_linears(model, place.world)
+    files = sorted(Path(info.path).glob("*.safetensors"))
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                name = names.to_hf(key)
+                if place.rank and name.startswith(RANK0_ONLY):
+                    continue
+                mod_name, _, attr = name.rpartition(".")
+                tensor = _shard(f, key, _kind(name), attr, place)
+                _put(model.get_submodule(mod_name), attr, tensor.to(device=device, dtype=dtype), name)
+    if any(p.device.type == "meta" for n, p in model.named_parameters() if not n.startswith(RANK0_ONLY)):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters()
+               if p.device.type == "meta" and not (place.rank and n.startswith(RANK0_ONLY))]
+    if missing:
+        raise ConfigError(f"{info.path}: weights missing for {len(missing)} tensors, e.g. {missing[0]}")
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+    model.config.dtype = dtype
+    model.tensor_parallel = place
+    return model.eval()
+
+
+def _put(module: nn.Module, attr: str, value: torch.Tensor, name: str) -> None:
+    if attr in module._parameters:
+        if tuple(module._parameters[attr].shape) != tuple(value.shape):
+            raise ConfigError(f"{name}: shard shape {tuple(value.shape)} != {tuple(module._parameters[attr].shape)}")
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = value
