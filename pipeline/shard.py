@@ -126,8 +126,6 @@ def tensor_parallel_groups(cfg: JobConfig, info: ModelInfo, workers: list[str]) 
     from pipeline.model.tensor_parallel import check_divides
 
     size = cfg.run.tensor_parallel
-    if info.quantized:
-        raise ConfigError("run.tensor_parallel > 1 with a W8A16 model dir is not supported yet")
     if cfg.generation.engine != "fast":
         raise ConfigError("run.tensor_parallel > 1 needs generation.engine = \"fast\" (the hf engine runs on one device)")
     check_divides(loader.model_config(info).text_config, size)

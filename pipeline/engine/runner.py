@@ -48,14 +48,14 @@ class Runner:
         self.cache = allocate_cache(self.lm, plan, device, self.dtype)
         if tp is not None:
             tp.plan(plan.slots, plan.slot_length)
-            if compile:
-                log.warning("generation.compile is not used with run.tensor_parallel > 1 yet: decode runs eagerly")
-                compile = False
         # After the cache: the graphs hold its addresses.
         self.graphs = self._graphs(device) if compile else None
 
     def _graphs(self, device: torch.device) -> DecodeGraphs | None:
-        """The captured decode graphs; a capture the device refuses costs the job its speed-up, not its rows."""
+        """The captured decode graphs; a capture the device refuses costs the job its speed-up, not its
+        rows (under tensor parallel every rank captures at once, and a refusal ends the group)."""
+        if self.tp is not None:
+            return self._on_ranks(self.tp.capture, lambda: DecodeGraphs(self.lm, self.cache, device))
         try:
             return DecodeGraphs(self.lm, self.cache, device)
         except Exception as e:  # noqa: BLE001 - whatever the graph runtime raises, eager still works
@@ -102,7 +102,9 @@ class Runner:
                 lambda: decoder.decode_and_prefill(*args, prompts, targets, inputs.lengths if host else None))
             first = self._pick(prompt_logits, new)
         elif self.graphs is not None:
-            logits, first = self.graphs.run(inputs.tokens, inputs.positions), []
+            logits = self._on_ranks(lambda: self.tp.graph_step(inputs.tokens, inputs.positions),
+                                    lambda: self.graphs.run(inputs.tokens, inputs.positions))
+            first = []
         else:
             logits = self._on_ranks(lambda: self.tp.decode(inputs.tokens, inputs.positions, inputs.window, host),
                                     lambda: decoder.decode_step(*args, inputs.lengths if host else None))

@@ -15,10 +15,11 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from pipeline.engine.decode_graphs import DecodeGraphs
 from pipeline.model import decoder
 from pipeline.model.kv_cache import KVCache
 
-PLAN, PREFILL, DECODE, MIXED, MOVE, STOP = range(6)
+PLAN, PREFILL, DECODE, MIXED, MOVE, STOP, CAPTURE, GRAPH_STEP = range(8)
 
 
 class RankLost(BaseException):
@@ -50,6 +51,13 @@ class Leader:
     def move(self, src: int, dst: int, length: int) -> None:
         self._send(MOVE, [src, dst, length])
 
+    def capture(self) -> None:
+        """Every rank captures its decode graphs now: the all-reduces inside them need all ranks."""
+        self._send(CAPTURE, [])
+
+    def graph_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        self._send(GRAPH_STEP, [tokens.shape[0]], [tokens, positions])
+
     def stop(self) -> None:
         self._send(STOP, [])
 
@@ -74,6 +82,7 @@ def receive_plan(device: torch.device) -> tuple[int, int]:
 def follow(lm: decoder.LanguageModel, cache: KVCache, device: torch.device, dtype: torch.dtype,
            hidden: int, on_step: Callable[[], None] | None = None) -> None:
     """A follower rank's loop: run every announced call until rank 0 says stop."""
+    graphs = None
     while True:
         if on_step is not None:
             on_step()
@@ -82,6 +91,11 @@ def follow(lm: decoder.LanguageModel, cache: KVCache, device: torch.device, dtyp
             return
         if op == MOVE:
             cache.move(*ints)
+        elif op == CAPTURE:
+            graphs = DecodeGraphs(lm, cache, device)
+        elif op == GRAPH_STEP:
+            tokens, positions = _recv((ints[0],), torch.long, device), _recv((ints[0],), torch.long, device)
+            graphs.run(tokens, positions)
         elif op == PREFILL:
             n, seq = ints
             embeds = _recv((n, seq, hidden), dtype, device)

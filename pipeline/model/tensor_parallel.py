@@ -1,6 +1,6 @@
 """Tensor parallel weights: each rank builds the model on the meta device and reads only its shard
 of every language-model linear straight from the safetensors files (slices, never the whole
-tensor), as gpt-fast's tp.py shards them: q/k/v and gate/up by output rows (column parallel: each
+tensor; W8A16 dirs: int8 rows or columns with their scales and offsets), as gpt-fast's tp.py shards them: q/k/v and gate/up by output rows (column parallel: each
 rank holds whole heads), o/down by input columns (row parallel: their outputs are partial sums,
 all-reduced by the decoder). Embeddings, norms and lm_head are replicated. The vision tower and
 the projector are read by rank 0 only, which alone embeds prompts and sends the embeddings with
@@ -68,19 +68,46 @@ def _swap_linears(model: nn.Module, world: int) -> None:
 
 
 def _shard(f, key: str, kind: str | None, attr: str, place: Placement) -> torch.Tensor:
-    """This rank's part of one checkpoint tensor, read as a slice."""
+    """This rank's part of one checkpoint tensor, read as a slice. W8A16 scales and offsets
+    ([out, groups]) follow their weight's rows; by columns only when there are groups to split."""
     view = f.get_slice(key)
     shape = view.get_shape()
     if kind == "column":
         step = shape[0] // place.world
         return view[place.rank * step:(place.rank + 1) * step]
-    if kind == "row" and attr == "weight":
+    if kind == "row" and (attr == "weight" or attr in _QUANT_PARAMS and shape[1] > 1):
         step = shape[1] // place.world
         return view[:, place.rank * step:(place.rank + 1) * step]
-    if kind == "row":  # a row-parallel bias is added once, after the all-reduce sums the shards
+    if kind == "row" and attr == "bias":  # added once, after the all-reduce sums the shards
         tensor = view[:]
         return tensor if place.rank == 0 else torch.zeros_like(tensor)
     return view[:]
+
+
+_QUANT_PARAMS = ("weight_scale", "weight_offset")
+
+
+def _swap_quantized(model: nn.Module, info: ModelInfo, world: int, device, dtype) -> None:
+    """The linears a W8A16 dir's description marks quantized become empty W8A16Linears of their
+    shard's shape (their int8 weights are streamed in next, never a float copy)."""
+    from quant import layout, names
+    from quant.linear import W8A16Linear
+
+    desc = layout.read_description(info.path)
+    for key, qtype in desc.items():
+        if qtype != "W8A16" or not key.endswith(".weight"):
+            continue
+        name = names.to_hf(key)[: -len(".weight")]
+        old = model.get_submodule(name)
+        kind = _kind(name + ".weight")
+        full_in = old.in_features * (world if kind == "row" else 1)
+        group = int(desc.get("group_size") or 0)
+        if group and kind == "row" and (full_in // world) % group:
+            raise ConfigError(f"{key}: W8A16 group size {group} does not divide this rank's {full_in // world} columns")
+        new = W8A16Linear(old.in_features, old.out_features, old.bias is not None, group_size=group,
+                          device=device, dtype=dtype)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
 
 
 @torch.no_grad()
@@ -97,6 +124,8 @@ def load_shard(model_cls, info: ModelInfo, device: torch.device, dtype: torch.dt
     with _params_on_meta(dtype):
         model = model_cls(config)
     _swap_linears(model, place.world)
+    if info.quantized:
+        _swap_quantized(model, info, place.world, device, dtype)
     files = sorted(Path(info.path).glob("*.safetensors"))
     for path in files:
         with safe_open(str(path), framework="pt") as f:
@@ -105,8 +134,10 @@ def load_shard(model_cls, info: ModelInfo, device: torch.device, dtype: torch.dt
                 if place.rank and name.startswith(RANK0_ONLY):
                     continue
                 mod_name, _, attr = name.rpartition(".")
-                tensor = _shard(f, key, _kind(name), attr, place)
-                _put(model.get_submodule(mod_name), attr, tensor.to(device=device, dtype=dtype), name)
+                tensor = _shard(f, key, _kind(name), attr, place).contiguous()  # kernels want whole rows
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                _put(model.get_submodule(mod_name), attr, tensor.to(device), name)
     if any(p.device.type == "meta" for n, p in model.named_parameters() if not n.startswith(RANK0_ONLY)):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters()
@@ -117,12 +148,20 @@ def load_shard(model_cls, info: ModelInfo, device: torch.device, dtype: torch.dt
         for name, buf in module._buffers.items():
             if buf is not None and buf.device != device:
                 module._buffers[name] = buf.to(device)
+        if hasattr(module, "finalize"):  # W8A16Linear: its kernel, once its buffers are in
+            module.finalize()
     model.config.dtype = dtype
     model.tensor_parallel = place
     return model.eval()
 
 
 def _put(module: nn.Module, attr: str, value: torch.Tensor, name: str) -> None:
+    if attr in module._buffers and module._buffers[attr] is not None \
+            and tuple(module._buffers[attr].shape) != tuple(value.shape):
+        # a W8A16 scale stored [out] rather than [out, 1] reshapes; anything else is a wrong shard
+        if module._buffers[attr].numel() != value.numel():
+            raise ConfigError(f"{name}: shard shape {tuple(value.shape)} != {tuple(module._buffers[attr].shape)}")
+        value = value.reshape(module._buffers[attr].shape)
     if attr in module._parameters:
         if tuple(module._parameters[attr].shape) != tuple(value.shape):
             raise ConfigError(f"{name}: shard shape {tuple(value.shape)} != {tuple(module._parameters[attr].shape)}")

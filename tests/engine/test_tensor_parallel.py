@@ -28,9 +28,9 @@ def media(root: Path, videos: bool) -> Path:
     return write_manifest(root / "m.parquet", {"path": paths})
 
 
-def run(model: Path, manifest: Path, out: Path, expect: int = 0, **run_keys) -> list[tuple]:
+def run(model: Path, manifest: Path, out: Path, expect: int = 0, compile: bool = False, **run_keys) -> list[tuple]:
     # 3 slots for 7-9 rows: rows finish at different steps, so slots refill and rows move down.
-    sections = job_sections(model, manifest, out, generation={"max_batch_size": 3},
+    sections = job_sections(model, manifest, out, generation={"max_batch_size": 3, "compile": compile},
                             run={"progress": False, **run_keys})
     assert main(["run", str(write_job(out.with_suffix(".toml"), sections))]) == expect
     rows = ds.dataset(out / "captions").to_table().to_pylist()
@@ -46,6 +46,9 @@ def test_captions_at_world_size_n_equal_world_size_1(tiny_model, tmp_path, famil
     assert len({n for *_, n in alone}) > 2, "rows must stop at different steps"
     for world in worlds:
         assert run(tiny_model(family), manifest, tmp_path / f"ws{world}", tensor_parallel=world) == alone, world
+    # generation.compile: every rank runs the bucket-padded step (captured where the device has graphs)
+    captured = run(tiny_model(family), manifest, tmp_path / "ws2-compile", tensor_parallel=2, compile=True)
+    assert captured == alone
 
 
 @pytest.mark.slow
@@ -136,3 +139,21 @@ def test_in_process_a_lost_rank_ends_the_run_with_one_line_and_a_rerun_finishes(
     assert main(["run", str(job)]) == 0
     rows = ds.dataset(tmp_path / "tp" / "captions").to_table().to_pylist()
     assert sorted((r["row_index"], r["status"], r["caption"], r["n_output_tokens"]) for r in rows) == alone
+
+
+@pytest.mark.slow
+def test_w8a16_dirs_shard_the_same_way(tiny_model, tmp_path):
+    """int8 weight rows (q/k/v, gate/up) or columns (o/down) with their per-row scales: ws 2 = ws 1."""
+    w8 = tmp_path / "w8a16"
+    assert main(["quantize", str(tiny_model("llava")), str(w8), "--backend", "builtin"]) == 0
+    manifest = media(tmp_path, videos=False)
+    alone = run(w8, manifest, tmp_path / "ws1")
+    assert all(status == "ok" for _, status, _, _ in alone)
+    assert run(w8, manifest, tmp_path / "ws2", tensor_parallel=2) == alone
+    info = loader.inspect_model(ModelConfig(path=str(w8)))
+    full = loader.load_model(info, torch.device("cpu"), torch.float32)
+    shards = [load_shard(loader.MODEL_CLASSES[info.family], info, torch.device("cpu"), torch.float32,
+                         Placement(r, 2)) for r in range(2)]
+    down = [s.model.language_model.layers[1].mlp.down_proj for s in shards]
+    assert torch.equal(torch.cat([d.weight for d in down], dim=1), full.model.language_model.layers[1].mlp.down_proj.weight)
+    assert all(torch.equal(d.weight_scale, full.model.language_model.layers[1].mlp.down_proj.weight_scale) for d in down)
