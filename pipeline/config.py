@@ -253,8 +253,6 @@ def _validate_scaleout(r: RunConfig, o: OutputConfig) -> None:
     _require(r.executor in ("local", "ray"), f"run.executor must be local|ray, got {r.executor!r}")
     _require(r.tensor_parallel in (1, 2, 4, 8), f"run.tensor_parallel must be 1, 2, 4 or 8, got {r.tensor_parallel}")
     _require(0 < r.master_port < 65536, f"run.master_port must be a TCP port, got {r.master_port}")
-    _require(r.tensor_parallel == 1 or r.executor == "local",
-             "run.tensor_parallel > 1 runs with run.executor = \"local\" (Ray placement groups are not done yet)")
     _require(r.max_retries >= 0, f"run.max_retries must be >= 0, got {r.max_retries}")
     _require(r.num_nodes >= 1, f"run.num_nodes must be >= 1, got {r.num_nodes}")
     _require(0 <= r.node_rank < r.num_nodes, f"run.node_rank must be in [0, {r.num_nodes}), got {r.node_rank}")

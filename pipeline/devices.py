@@ -121,17 +121,20 @@ def worker_env(device: str, cpu_workers: int) -> tuple[dict[str, str], str]:
     return {var: ",".join(ids)}, "+".join(f"{kind}:{i}" for i in range(len(group)))
 
 
-def ray_actor_options(kind: str) -> tuple[dict, str]:
-    """(Ray actor resources, the device the actor then names) for a worker of `kind`.
+def ray_actor_options(kind: str, ranks: int = 1) -> tuple[dict, str]:
+    """(Ray actor resources, the device the actor then names) for a worker of `kind` with `ranks`
+    tensor parallel ranks.
 
     Ray sets ASCEND_RT_VISIBLE_DEVICES for its built-in NPU resource and CUDA_VISIBLE_DEVICES for
-    num_gpus, so, as in a local worker process, the actor always uses index 0.
+    num_gpus, so, as in a local worker process, the actor names its devices from index 0. One actor
+    holds a whole group: Ray places an actor's resources on one node, so the ranks are packed there.
     """
+    group = "+".join(f"{kind}:{i}" for i in range(ranks)) if kind != "cpu" else "+".join(["cpu"] * ranks)
     if kind == "npu":
-        return {"resources": {"NPU": 1}, "num_cpus": 1}, "npu:0"
+        return {"resources": {"NPU": ranks}, "num_cpus": 1}, group
     if kind == "cuda":
-        return {"num_gpus": 1, "num_cpus": 1}, "cuda:0"
-    return {"num_cpus": 1}, "cpu"
+        return {"num_gpus": ranks, "num_cpus": 1}, group
+    return {"num_cpus": ranks}, group
 
 
 def collective_backend(device: torch.device) -> str:

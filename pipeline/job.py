@@ -76,7 +76,7 @@ def run_job(cfg: JobConfig) -> Summary:
 
     # Local devices are checked here, in the parent, before any worker starts or anything is written.
     workers = devices.worker_devices(cfg.run.devices, cfg.model.device) if cfg.run.executor == "local" else []
-    if cfg.run.tensor_parallel > 1:
+    if cfg.run.tensor_parallel > 1:  # the local devices into groups; Ray's pool groups its own
         workers = tensor_parallel_groups(cfg, info, workers)
     out = OutputDir(cfg.output.dir, record["fingerprint"])  # read back, only this job's files count
     shards = manifest.plan(cfg.output.rows_per_shard)

@@ -129,6 +129,8 @@ def tensor_parallel_groups(cfg: JobConfig, info: ModelInfo, workers: list[str]) 
     if cfg.generation.engine != "fast":
         raise ConfigError("run.tensor_parallel > 1 needs generation.engine = \"fast\" (the hf engine runs on one device)")
     check_divides(loader.model_config(info).text_config, size)
+    if cfg.run.executor != "local":
+        return workers
     if workers == ["cpu"] and cfg.run.devices == ["auto"]:
         workers = ["cpu"] * size  # the CPU has no device count: "auto" gives the group its ranks
     return devices.device_groups(workers, size)

@@ -99,7 +99,12 @@ class RayPool:
 
     def __init__(self, record: dict, run: RunConfig, owner: dict, n_shards: int):
         self.ray = connect(run.ray_address)
-        self.devices = actor_kinds(self.ray, run.devices)
+        kinds = actor_kinds(self.ray, run.devices)
+        if kinds == ["cpu"] and run.devices == ["auto"]:
+            kinds = ["cpu"] * run.tensor_parallel  # the CPU has no device count: "auto" gives the group its ranks
+        # a tensor parallel group of `ranks` devices is one actor
+        self.devices = [group.split("+")[0] for group in devices.device_groups(kinds, run.tensor_parallel)]
+        self.ranks = run.tensor_parallel
         self.slots = list(range(len(self.devices)))
         self.worker_timeout_s = run.worker_timeout_s
         # Bound Ray's restarts above what shard retries can use up, so only an actor that cannot
@@ -109,7 +114,7 @@ class RayPool:
         actor = self.ray.remote(ShardActor)
         self.actors = []
         for slot, kind in enumerate(self.devices):
-            options, device = devices.ray_actor_options(kind)
+            options, device = devices.ray_actor_options(kind, self.ranks)
             self.actors.append(actor.options(max_restarts=restarts, max_task_retries=0, **options)
                                .remote(record, device, owner, slot, self.box))
         self.pending: dict = {}

@@ -56,8 +56,11 @@ def build_tiny_model(
     image_size: int | None = None,
     chat_template: bool = True,
     caption_median: int | None = None,
+    heads: tuple[int, int] | None = None,
 ) -> Path:
-    """Write a random-weight `family` model in llava-hf layout to `out_dir` and return its path."""
+    """Write a random-weight `family` model in llava-hf layout to `out_dir` and return its path.
+    `heads`: the language model's (attention heads, KV heads) instead of the preset's (tensor
+    parallel tests: 8 ranks need 8 of each; GQA)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     if preset not in PRESETS:
@@ -71,6 +74,9 @@ def build_tiny_model(
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATES[family]  # calibration renders prompts with it
     config = _build_config(family, preset, size, FULL_SIZE_VOCAB.get(preset, len(tokenizer)))
+    if heads is not None:
+        config.text_config.num_attention_heads, config.text_config.num_key_value_heads = heads
+        config.text_config.head_dim = config.text_config.hidden_size // heads[0]
     processor = _build_processor(family, config, tokenizer, size)
     if preset in FULL_SIZE_VOCAB:
         if caption_median is not None:

@@ -157,3 +157,14 @@ def test_w8a16_dirs_shard_the_same_way(tiny_model, tmp_path):
     down = [s.model.language_model.layers[1].mlp.down_proj for s in shards]
     assert torch.equal(torch.cat([d.weight for d in down], dim=1), full.model.language_model.layers[1].mlp.down_proj.weight)
     assert all(torch.equal(d.weight_scale, full.model.language_model.layers[1].mlp.down_proj.weight_scale) for d in down)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("heads,worlds", [((8, 4), (4,)), ((8, 8), (8,))])
+def test_grouped_kv_heads_and_eight_ranks(tiny_model, tmp_path, heads, worlds):
+    """KV heads split with their query heads (GQA: 2 query heads a KV head), and the largest group."""
+    model = tiny_model("llava", heads=heads)
+    manifest = media(tmp_path, videos=False)
+    alone = run(model, manifest, tmp_path / "ws1")
+    for world in worlds:
+        assert run(model, manifest, tmp_path / f"ws{world}", tensor_parallel=world) == alone, world

@@ -63,3 +63,16 @@ def test_ray_actor_killed_mid_shard_is_replaced_and_exactly_once(cluster, tiny_m
     assert "retrying shard" in capsys.readouterr().err
     assert captions(out) == expected
     assert not list((out / "_leases").iterdir())
+
+
+@pytest.mark.slow
+def test_ray_tensor_parallel_group_is_one_actor(cluster, tiny_model, tmp_path):
+    """run.tensor_parallel = 2 on two CPUs: one actor holding both (Ray keeps it on one node) leads
+    a group of two ranks; the captions equal one worker's."""
+    model, manifest = tiny_model("llava"), make_manifest(tmp_path, 24)
+    expected = reference(tmp_path, model, manifest)
+    job, out = make_job(tmp_path, "ray-tp", model, manifest)
+    code = main(["run", str(job), "--set", 'run.executor="ray"', "--set", 'run.devices=["cpu", "cpu"]',
+                 "--set", "run.tensor_parallel=2"])
+    assert code == 0
+    assert captions(out) == expected
