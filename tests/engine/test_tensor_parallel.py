@@ -4,7 +4,6 @@ at world size 2 and 4 must equal world size 1, refills, compaction and video row
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -110,16 +109,24 @@ def test_a_rank_holds_its_share_of_the_language_model(tiny_model):
         assert torch.equal(o, full.model.language_model.layers[0].self_attn.o_proj.weight)
 
 
-def test_a_missing_weight_file_is_one_config_error(tiny_model, tmp_path):
+def test_a_missing_weight_shard_is_one_config_error(tiny_model, tmp_path, capsys):
+    """A checkpoint in several safetensors files, one of them gone: exit 2, one line, before any load."""
     import shutil
 
-    broken = tmp_path / "model"
-    shutil.copytree(tiny_model("llava"), broken)
+    src, broken = tiny_model("llava"), tmp_path / "model"
+    shutil.copytree(src, broken)
+    model = loader.load_model(loader.inspect_model(ModelConfig(path=str(src))), torch.device("cpu"), torch.float32)
     for path in broken.glob("*.safetensors"):
-        os.remove(path)
+        path.unlink()
+    model.save_pretrained(broken, max_shard_size="200KB")
+    shards = sorted(broken.glob("*.safetensors"))
+    assert len(shards) > 2
+    shards[1].unlink()
     manifest = write_manifest(tmp_path / "m.parquet", {"path": [str(write_image(tmp_path / "a.png", 1))]})
     sections = job_sections(broken, manifest, tmp_path / "out", run={"tensor_parallel": 2})
     assert main(["run", str(write_job(tmp_path / "job.toml", sections))]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llava-batch")]
+    assert len(err) == 1 and shards[1].name in err[0], err
 
 
 @pytest.mark.slow
