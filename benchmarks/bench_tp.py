@@ -2,8 +2,8 @@
 
     python benchmarks/bench_tp.py [--work /tmp/llava-batch-tp] [--images 32] [--skip-rss]
 
-- rss: peak RSS of one rank loading its shard of a synthetic ~1.1 GB fp16 model (text hidden 2048,
-  8 layers), each rank in a fresh process, one at a time, at world size 1, 2 and 4, beside the
+- rss: peak RSS of one rank loading its shard of a synthetic ~1.6 GB fp16 model (text hidden 2048,
+  16 layers), each rank in a fresh process, one at a time, at world size 1, 2 and 4, beside the
   whole model through transformers' loader and the sizes of what a rank holds;
 - speed: the same caption job (bench preset, fp32, greedy) at world size 1 and 2 through `run`:
   tokens/s side by side. On two cores ws 2 is expected slower; the gap is the cost of four
@@ -14,6 +14,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
@@ -25,13 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 _RANK = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from pipeline.config import ModelConfig
 from pipeline.model import loader
 from pipeline.model.tensor_parallel import Placement, load_shard
 path, rank, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 info = loader.inspect_model(ModelConfig(path=path))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):  # MiB; VmHWM starts afresh at exec (ru_maxrss would keep the parent's)
+    line = next(x for x in open("/proc/self/status") if x.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+hwm = lambda: status("VmHWM")
+before, anon_before = hwm(), status("RssAnon")
 if world == 0:
     model = loader.load_model(info, torch.device("cpu"), torch.float16)
 else:
@@ -39,9 +44,13 @@ else:
                        Placement(rank, world))
 held = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
 held += sum(b.numel() * b.element_size() for b in model.buffers() if b.device.type != "meta")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 print(json.dumps({"rank": rank, "world": world, "held_mib": round(held / 2**20, 1),
-                  "peak_rss_mib": round(peak / 1024, 1), "rss_over_imports_mib": round((peak - before) / 1024, 1)}))
+                  "peak_rss_mib": round(peak, 1), "rss_over_imports_mib": round(peak - before, 1),
+                  # private memory the load added; the rest of RSS is the safetensors files' page
+                  # cache, mapped and shared by every rank on the host
+                  "anon_added_mib": round(status("RssAnon") - anon_before, 1),
+                  "file_mapped_mib": round(status("RssFile"), 1)}))
 """
 
 
@@ -52,13 +61,13 @@ def synthetic_model(work: Path) -> Path:
 
     from pipeline.testing.tiny_model import build_tiny_model
 
-    out = work / "llava-1g"
+    out = work / "llava-1g6"
     if (out / "done").is_file():
         return out
     build_tiny_model(out, "llava", preset="bench")
     config = LlavaConfig.from_pretrained(out)
     text = config.text_config
-    text.hidden_size, text.intermediate_size, text.num_hidden_layers = 2048, 5504, 8
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = 2048, 5504, 16
     text.num_attention_heads = text.num_key_value_heads = 16
     text.head_dim = 128
     with torch.device("cpu"):
@@ -99,7 +108,8 @@ def speed(work: Path, images: int) -> list[dict]:
                                 run={"tensor_parallel": world, "progress": False},
                                 output={"rows_per_shard": images, "chunk_rows": images})
         started = time.perf_counter()
-        assert main(["run", str(write_job(work / f"ws{world}.toml", sections))]) == 0
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the report's
+            assert main(["run", str(write_job(work / f"ws{world}.toml", sections))]) == 0
         seconds = time.perf_counter() - started
         stats = [json.loads(p.read_text()) for p in (out / "_stats").glob("shard-*.json")]
         tokens = sum(s["output_tokens"] for s in stats)
@@ -125,7 +135,7 @@ def main() -> None:
     report = {"speed": speed(work, args.images)}
     if not args.skip_rss:
         report["rss"] = rss(synthetic_model(work))
-    print(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1), flush=True)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,8 @@ if __name__ == "__main__":
 
     logs.setup()
     try:
-        sys.exit(follower(sys.argv[1:]))
-    except BaseException as e:  # noqa: BLE001 - said on stderr; rank 0 sees the group broken
+        code = follower(sys.argv[1:])
+    except Exception as e:  # noqa: BLE001 - said on stderr; rank 0 sees the group broken
         log.error(f"tensor parallel rank: {type(e).__name__}: {e}")
-        sys.exit(1)
+        code = 1
+    sys.exit(code)
