@@ -51,7 +51,9 @@ def _cmd_status(args) -> int:
     else:
         print(f"{status['done']}/{status['rows']} rows done ({status['ok']} ok, {status['errors']} errors); "
               f"{status['shards_complete']}/{status['shards']} shards complete"
-              + (f"; shards FAILED: {status['shards_failed']}" if status["shards_failed"] else ""))
+              + (f"; shards FAILED: {status['shards_failed']}" if status["shards_failed"] else "")
+              + ("; flagged: " + ", ".join(f"{n} {f}" for f, n in sorted(status["flags"].items()))
+                 if status["flags"] else ""))
     return 0
 
 

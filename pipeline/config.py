@@ -61,6 +61,8 @@ class GenerationConfig:
     # Capture the fast engine's decode step as one graph per batch bucket (CUDA / NPU graphs); on the
     # CPU, which has no graphs, steps are only padded to the buckets.
     compile: bool = False
+    # Stop a row once its tokens loop (the same 3-gram 4 times; data/quality.py): finish_reason "repetition".
+    stop_on_repetition: bool = False
 
 
 @dataclass
@@ -115,7 +117,7 @@ FINGERPRINT_KEYS = {
     "input": ("path_column", "bytes_column", "kind_column", "prompt_column", "id_column", "media_root",
               "max_image_pixels"),
     "generation": ("prompt", "max_input_length", "max_output_length", "video_frames", "do_sample",
-                   "temperature", "top_p", "seed"),
+                   "temperature", "top_p", "seed", "stop_on_repetition"),
     "output": ("rows_per_shard", "chunk_rows"),
 }
 
@@ -263,6 +265,17 @@ def _validate_scaleout(r: RunConfig, o: OutputConfig) -> None:
     _require(r.num_nodes == 1 or o.mode == "resume", "output.mode = \"overwrite\" needs run.num_nodes = 1")
 
 
+# Keys added to FINGERPRINT_KEYS after jobs were written without them: at their default they are
+# left out of the view, so an older job's fingerprint (and a resume into its dir) stays the same.
+ADDED_DEFAULTS = {("generation", "stop_on_repetition"): False}
+
+
 def fingerprint_view(config: dict) -> dict:
     """The part of a resolved config that must match for a resume to be the same job."""
-    return {s: {k: config[s][k] for k in keys} for s, keys in FINGERPRINT_KEYS.items()}
+    view = {}
+    for section, keys in FINGERPRINT_KEYS.items():
+        values = config.get(section, {})
+        view[section] = {k: values.get(k, ADDED_DEFAULTS.get((section, k))) for k in keys
+                         if (section, k) not in ADDED_DEFAULTS or values.get(k, ADDED_DEFAULTS[(section, k)])
+                         != ADDED_DEFAULTS[(section, k)]}
+    return view

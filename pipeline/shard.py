@@ -27,6 +27,7 @@ from pipeline.data.deadline_pool import DeadlinePool, in_order
 from pipeline.data.manifest import Chunk, Manifest, Shard, repair_utf8
 from pipeline.data.media import MediaError, decode_media
 from pipeline.data.output import OutputDir
+from pipeline.data.quality import caption_flags
 from pipeline.data.schema import RESULT_FIELDS, passthrough_name
 from pipeline.data.sources import MediaSource, SourceError
 from pipeline.data.status import shard_stats
@@ -264,6 +265,7 @@ def _output_table(ctx, chunk, table, results, frames, prompts) -> pa.Table:
         "frames": frames,
         "prompt": prompts,
         "model": [ctx.model_name] * len(results),
+        "flags": [caption_flags(r.caption, r.finish_reason, not r.error) for r in results],
     }
     for f in RESULT_FIELDS:
         table = table.append_column(f, pa.array(values[f.name], type=f.type))

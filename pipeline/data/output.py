@@ -36,7 +36,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import fingerprint_view
+from pipeline.config import ADDED_DEFAULTS, fingerprint_view
 from pipeline.data.disk_full import DiskFullError, disk_full
 from pipeline.errors import ConfigError, LlavaBatchError
 from pipeline.logs import log
@@ -139,9 +139,11 @@ class OutputDir:
         again = 'set output.mode = "overwrite" or choose another dir'
         if old["manifest"]["fingerprint"] != job["manifest"]["fingerprint"]:
             raise ConfigError(f"output.dir {self.root} was written for a different manifest; {again}")
-        for section, keys in fingerprint_view(job["config"]).items():
-            for key, value in keys.items():
-                before = old["config"].get(section, {}).get(key, "(unset)")
+        then, now = fingerprint_view(old["config"]), fingerprint_view(job["config"])
+        for section, keys in now.items():
+            for key in sorted(keys.keys() | then.get(section, {}).keys()):
+                unset = ADDED_DEFAULTS.get((section, key), "(unset)")  # a default is left out of a view
+                before, value = then.get(section, {}).get(key, unset), keys.get(key, unset)
                 if before != value:
                     raise ConfigError(f"output.dir {self.root} holds a job with {section}.{key} = "
                                       f"{before!r}, this job has {value!r}; {again}")

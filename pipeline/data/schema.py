@@ -15,6 +15,7 @@ RESULT_FIELDS = [
     pa.field("frames", pa.int32()),
     pa.field("prompt", pa.string()),
     pa.field("model", pa.string()),
+    pa.field("flags", pa.list_(pa.string())),  # data/quality.py: repetition, truncated, empty
 ]
 RESULT_NAMES = {f.name for f in RESULT_FIELDS}
 

@@ -22,12 +22,14 @@ def error_kind(message: str | None) -> str:
 def shard_stats(out: OutputDir, shard: int, rows: int) -> dict:
     """Stats of a shard computed from its chunk files, so resumed shards count every run's work."""
     ok, errors, prompt_tokens, output_tokens, seconds = 0, Counter(), 0, 0, 0.0
+    flags = Counter()
     for path in out.chunk_files(shard):
         pf = pq.ParquetFile(path)
         meta = json.loads(pf.schema_arrow.metadata[b"llava_batch"])
         if not out.is_ours(meta):
             continue
         seconds += meta.get("seconds", 0.0)
+        flags.update(_flags(pf))
         t = pf.read(columns=["status", "error", "n_prompt_tokens", "n_output_tokens"]).to_pydict()
         for status, err, n_in, n_out in zip(t["status"], t["error"], t["n_prompt_tokens"], t["n_output_tokens"],
                                             strict=True):
@@ -39,15 +41,23 @@ def shard_stats(out: OutputDir, shard: int, rows: int) -> dict:
                 errors[error_kind(err)] += 1
     return {"shard": shard, "rows": rows, "ok": ok, "errors": sum(errors.values()),
             "errors_by_kind": dict(errors), "prompt_tokens": prompt_tokens,
-            "output_tokens": output_tokens, "seconds": round(seconds, 3)}
+            "output_tokens": output_tokens, "seconds": round(seconds, 3), "flags": dict(flags)}
 
 
-def _chunk_statuses(out: OutputDir, path: Path) -> list[str]:
-    """The status column of one of this job's chunks; [] for another job's (or a vanished) chunk."""
+def _flags(pf: pq.ParquetFile) -> Counter:
+    """Quality flags (data/quality.py) in one chunk; none in a chunk written before they existed."""
+    if "flags" not in pf.schema_arrow.names:
+        return Counter()
+    return Counter(f for row in pf.read(columns=["flags"]).column("flags").to_pylist() for f in row or ())
+
+
+def _chunk_statuses(out: OutputDir, path: Path) -> tuple[list[str], Counter]:
+    """The status column and the flags of one of this job's chunks; nothing for another job's (or a
+    vanished) chunk."""
     with open_chunk(path) as pf:
         if pf is None or not out.chunk_is_ours(path, pf):
-            return []
-        return pf.read(columns=["status"]).column("status").to_pylist()
+            return [], Counter()
+        return pf.read(columns=["status"]).column("status").to_pylist(), _flags(pf)
 
 
 def read_status(root: str | os.PathLike) -> dict:
@@ -60,10 +70,15 @@ def read_status(root: str | os.PathLike) -> dict:
     n_shards = job["plan"]["shards"]
     done = {s: stats for s, stats in out.done_shards().items() if s < n_shards}
     counts = Counter(ok=sum(s["ok"] for s in done.values()), error=sum(s["errors"] for s in done.values()))
+    flags = Counter()
+    for stats in done.values():
+        flags.update(stats.get("flags", {}))
     for shard, _, path in out.all_chunk_files():
         if shard not in done:
-            counts.update(_chunk_statuses(out, path))
+            statuses, chunk_flags = _chunk_statuses(out, path)
+            counts.update(statuses)
+            flags.update(chunk_flags)
     failed = [s for s in out.failed_shards() if s not in done]
     return {"rows": job["manifest"]["num_rows"], "done": counts["ok"] + counts["error"], "ok": counts["ok"],
             "errors": counts["error"], "shards": n_shards, "shards_complete": len(done),
-            "shards_failed": failed}
+            "shards_failed": failed, "flags": dict(flags)}

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline import devices
+from pipeline.data.quality import repetition_stop
 
 
 @dataclass
@@ -55,9 +56,16 @@ def eos_ids(generation_config, tokenizer) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos])
 
 
-def caption_result(tokens: list[int], n_prompt: int, eos: set[int], tokenizer) -> Result:
-    """The Result of a row that generated `tokens`: cut at the first EOS, as `generate` stops there."""
+def caption_result(tokens: list[int], n_prompt: int, eos: set[int], tokenizer,
+                   stop_on_repetition: bool = False) -> Result:
+    """The Result of a row that generated `tokens`: cut at the first EOS, as `generate` stops there,
+    or (stop_on_repetition) where a token loop is first seen (data/quality.py), whichever comes first."""
     stop = next((i for i, t in enumerate(tokens) if t in eos), None)
+    loop = repetition_stop(tokens) if stop_on_repetition else None
+    if loop is not None and (stop is None or loop <= stop):
+        caption = tokenizer.decode(tokens[:loop], skip_special_tokens=True).strip()
+        return Result(caption=caption, n_prompt_tokens=int(n_prompt), n_output_tokens=loop,
+                      finish_reason="repetition")
     kept = tokens if stop is None else tokens[:stop]
     caption = tokenizer.decode(kept, skip_special_tokens=True).strip()
     return Result(caption=caption, n_prompt_tokens=int(n_prompt),

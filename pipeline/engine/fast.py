@@ -75,7 +75,7 @@ class FastEngine:
     def _run(self, tagged: Iterable[tuple[object, Request]]) -> Iterator[Done]:
         sched = Scheduler(self.cache.slots, self.gen.max_output_length, self.eos_ids,
                           ignore_eos=self.ignore_eos, refill_at=self.refill_at, max_refill=self.plan.prefill_rows,
-                          compact=self.compact)
+                          compact=self.compact, stop_on_repetition=self.gen.stop_on_repetition)
         feed = Feeder(self.processor, tagged, lookahead=2 * self.cache.slots)
         try:
             exhausted = False
@@ -185,7 +185,8 @@ class FastEngine:
     def _finished(self, seqs: list[Sequence]) -> Iterator[Done]:
         for seq in seqs:
             self.stats["generated_tokens"] += len(seq.tokens)
-            yield seq.done(caption_result(seq.tokens, seq.n_prompt, self.eos_ids, self.processor.tokenizer))
+            yield seq.done(caption_result(seq.tokens, seq.n_prompt, self.eos_ids, self.processor.tokenizer,
+                                          self.gen.stop_on_repetition))
 
     def _seed(self, seqs: list[Sequence]) -> None:
         """A fresh generator per row and attempt: a row retried samples what it would have the first time."""

@@ -115,5 +115,6 @@ class HFEngine:
         out = self.model.generate(**inputs, generation_config=self.generation_config)
         prompt_lengths = inputs["attention_mask"].sum(1).tolist()
         new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
-        return [caption_result(tokens, n, self.eos_ids, self.processor.tokenizer)
+        # generation.stop_on_repetition: generate runs to the end, the cut is where the fast engine stops
+        return [caption_result(tokens, n, self.eos_ids, self.processor.tokenizer, self.gen.stop_on_repetition)
                 for tokens, n in zip(new_tokens, prompt_lengths, strict=True)]

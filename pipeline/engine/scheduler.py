@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from pipeline.data.quality import NGRAM, TIMES
 from pipeline.engine.sequence import Sequence
 
 
 class Scheduler:
     def __init__(self, slots: int, max_new: int, eos_ids: set[int], *, ignore_eos: bool, refill_at: int,
-                 compact: bool = True, max_refill: int | None = None):
+                 compact: bool = True, max_refill: int | None = None, stop_on_repetition: bool = False):
         self.rows: list[Sequence | None] = [None] * slots
         self.max_new, self.eos_ids, self.ignore_eos = max_new, eos_ids, ignore_eos
         self.refill_at, self.compact = refill_at, compact
         self.max_refill = max_refill or slots
+        self.stop_on_repetition = stop_on_repetition
 
     def free(self) -> list[int]:
         return [i for i, r in enumerate(self.rows) if r is None]
@@ -95,6 +97,11 @@ class Scheduler:
         seq = self.rows[slot]
         seq.tokens.append(token)
         stop = not self.ignore_eos and token in self.eos_ids
+        if not stop and self.stop_on_repetition and len(seq.tokens) >= NGRAM:
+            # the rule of data/quality.repetition_stop, kept up token by token
+            gram = tuple(seq.tokens[-NGRAM:])
+            seq.ngrams[gram] = seq.ngrams.get(gram, 0) + 1
+            stop = seq.ngrams[gram] >= TIMES
         if stop or len(seq.tokens) >= self.max_new:
             self.rows[slot] = None
             return seq

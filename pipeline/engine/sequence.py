@@ -24,6 +24,7 @@ class Sequence:
     embeds: torch.Tensor | None = None  # prompt embeddings [n_prompt, hidden], while waiting for a slot
     generator: torch.Generator | None = None  # sampling only: per-row, so batching never changes a draw
     tokens: list[int] = field(default_factory=list)
+    ngrams: dict[tuple[int, ...], int] = field(default_factory=dict)  # generation.stop_on_repetition
 
     @property
     def kind(self) -> str:

@@ -22,8 +22,8 @@ Norm = Callable[[torch.Tensor], torch.Tensor]
 
 def ours(model: nn.Module) -> bool:
     """Whether this model's decoder runs our fused CPU ops."""
-    # lm_head, not the first parameter: a tensor parallel rank > 0 keeps the vision tower on meta
-    return model.lm_head.weight.device.type == "cpu" and cpu_kernels.available()
+    # the embeddings, not the first parameter: a tensor parallel rank > 0 keeps the vision tower on meta
+    return model.get_input_embeddings().weight.device.type == "cpu" and cpu_kernels.available()
 
 
 def norm(module: nn.Module, fused: bool) -> Norm:

@@ -55,3 +55,28 @@ def test_rows_stop_at_eos_or_length_and_ignore_eos_runs_to_the_length():
     c = seq(2)
     admitted(sched, [c])
     assert sched.postprocess([0], [EOS]) == [] and sched.postprocess([0], [EOS]) == [c]
+
+
+def test_stop_on_repetition_stops_where_the_caption_is_cut():
+    """The scheduler's token-by-token loop check stops a row at the very token where
+    data/quality.repetition_stop (the rule caption_result cuts at, for both engines) says so."""
+    from pipeline.data.quality import repetition_stop
+    from pipeline.engine.base import caption_result
+
+    class Words:
+        def decode(self, tokens, skip_special_tokens=True):
+            return " ".join(map(str, tokens))
+
+    stream = [9, 4, 5, 6, 4, 5, 6, 4, 5, 6, 4, 5, 6, 4, 5, 6]
+    sched = Scheduler(1, 50, {EOS}, ignore_eos=False, refill_at=1, stop_on_repetition=True)
+    row = seq(0)
+    sched.assign([row], sched.free())
+    finished = sched.admit([(row, stream[0])])
+    for token in stream[1:]:
+        if finished:
+            break
+        finished = sched.postprocess([0], [token])
+    assert finished == [row] and len(row.tokens) == repetition_stop(stream) == 13
+    result = caption_result(stream, 5, {EOS}, Words(), stop_on_repetition=True)
+    assert (result.n_output_tokens, result.finish_reason) == (13, "repetition")
+    assert caption_result(stream, 5, {EOS}, Words()).finish_reason == "length"  # off: no cut
