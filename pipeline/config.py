@@ -52,6 +52,8 @@ class GenerationConfig:
     max_input_length: int = 4096
     max_output_length: int = 128
     video_frames: int = 8
+    # Frames a second of video instead of video_frames spread uniformly (still at most video_frames).
+    video_fps: float | None = None
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -117,7 +119,7 @@ FINGERPRINT_KEYS = {
     "input": ("path_column", "bytes_column", "kind_column", "prompt_column", "id_column", "media_root",
               "max_image_pixels"),
     "generation": ("prompt", "max_input_length", "max_output_length", "video_frames", "do_sample",
-                   "temperature", "top_p", "seed", "stop_on_repetition"),
+                   "temperature", "top_p", "seed", "stop_on_repetition", "video_fps"),
     "output": ("rows_per_shard", "chunk_rows"),
 }
 
@@ -232,6 +234,8 @@ def validate(cfg: JobConfig) -> None:
     _require(g.max_input_length >= 1, f"generation.max_input_length must be >= 1, got {g.max_input_length}")
     _require(g.max_output_length >= 1, f"generation.max_output_length must be >= 1, got {g.max_output_length}")
     _require(g.video_frames >= 1, f"generation.video_frames must be >= 1, got {g.video_frames}")
+    _require(g.video_fps is None or 0 < g.video_fps < float("inf"),
+             f"generation.video_fps must be > 0 (frames a second), got {g.video_fps}")
     _require(g.temperature > 0, f"generation.temperature must be > 0, got {g.temperature}")
     _require(0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
     _require(g.engine in ("fast", "hf"), f"generation.engine must be fast|hf, got {g.engine!r}")
@@ -267,7 +271,7 @@ def _validate_scaleout(r: RunConfig, o: OutputConfig) -> None:
 
 # Keys added to FINGERPRINT_KEYS after jobs were written without them: at their default they are
 # left out of the view, so an older job's fingerprint (and a resume into its dir) stays the same.
-ADDED_DEFAULTS = {("generation", "stop_on_repetition"): False}
+ADDED_DEFAULTS = {("generation", "stop_on_repetition"): False, ("generation", "video_fps"): None}
 
 
 def fingerprint_view(config: dict) -> dict:

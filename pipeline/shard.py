@@ -187,7 +187,8 @@ def _decode(ctx: JobContext, item: Item) -> Item:
         if item.error is None:  # a row already refused (its input columns) is not opened
             with ctx.source.open(item.row) as f:
                 item.media = decode_media(f, video_frames=cfg.generation.video_frames,
-                                          max_image_pixels=cfg.input.max_image_pixels, kind_hint=hint)
+                                          max_image_pixels=cfg.input.max_image_pixels, kind_hint=hint,
+                                          video_fps=cfg.generation.video_fps)
     except (SourceError, MediaError) as e:
         item.error = str(e)
     except Exception as e:  # noqa: BLE001 - one odd file must not stop the job
@@ -215,6 +216,7 @@ class _ChunkWriter:
         self.tables: dict[int, pa.Table] = {}
         self.results: dict[int, list] = {}
         self.frames: dict[int, list] = {}
+        self.frame_times: dict[int, list] = {}
         self.prompts: dict[int, list] = {}
         self.started: dict[int, float] = {}
 
@@ -223,6 +225,7 @@ class _ChunkWriter:
         self.tables[chunk.index] = table
         self.results[chunk.index] = [None] * n
         self.frames[chunk.index] = [None] * n
+        self.frame_times[chunk.index] = [None] * n
         self.prompts[chunk.index] = [None] * n
         self.started[chunk.index] = time.perf_counter()
 
@@ -232,6 +235,7 @@ class _ChunkWriter:
         self.prompts[k][item.pos] = prompt
         if item.media is not None and item.media.kind == "video":
             self.frames[k][item.pos] = int(item.media.frames.shape[0])
+            self.frame_times[k][item.pos] = item.media.frame_times
 
     def complete(self, chunk: Chunk) -> bool:
         return all(r is not None for r in self.results[chunk.index])
@@ -240,7 +244,7 @@ class _ChunkWriter:
         k = chunk.index
         results = self.results.pop(k)
         table = _output_table(self.ctx, chunk, self.tables.pop(k), results, self.frames.pop(k),
-                              self.prompts.pop(k))
+                              self.frame_times.pop(k), self.prompts.pop(k))
         meta = {"shard": chunk.shard, "chunk": k, "start": chunk.start, "stop": chunk.stop,
                 "seconds": time.perf_counter() - self.started.pop(k),
                 # provenance: which process on which host wrote the chunk (ops, and the kill tests)
@@ -249,7 +253,7 @@ class _ChunkWriter:
         self.on_commit(chunk, results)
 
 
-def _output_table(ctx, chunk, table, results, frames, prompts) -> pa.Table:
+def _output_table(ctx, chunk, table, results, frames, frame_times, prompts) -> pa.Table:
     bytes_col = ctx.cfg.input.bytes_column
     if bytes_col:
         table = table.drop_columns([bytes_col])
@@ -263,6 +267,7 @@ def _output_table(ctx, chunk, table, results, frames, prompts) -> pa.Table:
         "n_output_tokens": [r.n_output_tokens for r in results],
         "finish_reason": [r.finish_reason for r in results],
         "frames": frames,
+        "frame_times": frame_times,
         "prompt": prompts,
         "model": [ctx.model_name] * len(results),
         "flags": [caption_flags(r.caption, r.finish_reason, not r.error) for r in results],

@@ -27,6 +27,7 @@ class Media:
     kind: str  # "image" | "video"
     image: Image.Image | None = None  # RGB (image rows)
     frames: np.ndarray | None = None  # uint8 [T, H, W, 3] (video rows)
+    frame_times: list[float | None] | None = None  # seconds, one per frame (video rows)
 
 
 def decode_media(
@@ -35,10 +36,12 @@ def decode_media(
     video_frames: int = 8,
     max_image_pixels: int = 89_478_485,
     kind_hint: str | None = None,
+    video_fps: float | None = None,
 ) -> Media:
     """Decode a seekable binary file object holding exactly one image or video (from offset 0).
 
-    Content wins over ``kind_hint``: a JPEG hinted "video" is still returned as an image.
+    Content wins over ``kind_hint``: a JPEG hinted "video" is still returned as an image. Videos:
+    ``video_frames`` uniformly by time, or frames ``video_fps`` a second, at most ``video_frames``.
     """
     if video_frames < 1:
         raise ValueError("video_frames must be >= 1")
@@ -55,7 +58,8 @@ def decode_media(
         try:
             if kind == "image":
                 return Media("image", image=decode_image(fileobj, max_image_pixels))
-            return Media("video", frames=decode_video(fileobj, video_frames, max_image_pixels, sniffed))
+            frames, times = decode_video(fileobj, video_frames, max_image_pixels, sniffed, video_fps)
+            return Media("video", frames=frames, frame_times=times)
         except NotThisKind:
             continue
     raise MediaError("not an image or video (unrecognised content)")

@@ -13,6 +13,7 @@ RESULT_FIELDS = [
     pa.field("n_output_tokens", pa.int32()),
     pa.field("finish_reason", pa.string()),
     pa.field("frames", pa.int32()),
+    pa.field("frame_times", pa.list_(pa.float64())),  # seconds of each frame used (video rows)
     pa.field("prompt", pa.string()),
     pa.field("model", pa.string()),
     pa.field("flags", pa.list_(pa.string())),  # data/quality.py: repetition, truncated, empty

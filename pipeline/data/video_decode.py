@@ -1,9 +1,13 @@
-"""Videos through PyAV: n frames sampled uniformly by time (by index where the file has no usable
-timeline), as uint8 RGB [T, H, W, 3] at the first frame's size."""
+"""Videos through PyAV: n frames sampled uniformly by time, or at `fps` frames a second (at most n,
+spread over the whole video when it is longer), by index where the file has no usable timeline;
+as uint8 RGB [T, H, W, 3] at the first frame's size, with each frame's time in seconds. Times come
+from the frames' timestamps, never from their indices, so variable-frame-rate files are sampled by
+time too."""
 
 from __future__ import annotations
 
 import itertools
+import math
 from typing import BinaryIO
 
 import numpy as np
@@ -16,9 +20,10 @@ except ImportError:  # PyAV is a wheel of its own that some hosts lack: there im
     av = None
 
 
-def decode_video(fileobj: BinaryIO, n: int, max_pixels: int, sniffed: str | None) -> np.ndarray:
-    """`n` frames of the file's first video stream; `sniffed` is what its magic bytes said ("video" or
-    None): unsniffed content that FFmpeg does not take for a video is NotThisKind."""
+def decode_video(fileobj: BinaryIO, n: int, max_pixels: int, sniffed: str | None, fps: float | None = None
+                 ) -> tuple[np.ndarray, list[float | None]]:
+    """Up to `n` frames of the file's first video stream and their times; `sniffed` is what its magic
+    bytes said ("video" or None): unsniffed content that FFmpeg does not take for a video is NotThisKind."""
     if av is None:
         if sniffed != "video":
             raise NotThisKind
@@ -43,7 +48,7 @@ def decode_video(fileobj: BinaryIO, n: int, max_pixels: int, sniffed: str | None
         if pixels > max_pixels:
             raise MediaError(f"video too large: {pixels} pixels per frame > limit {max_pixels}")
         try:
-            frames = _sample(container, stream, n)
+            frames = _sample(container, stream, n, fps)
             if frames:  # converted while the container is open: frames hold decoder buffers
                 return _stack(frames, max_pixels)
         except _NoTimestamps:
@@ -73,13 +78,27 @@ def _timeline(container, stream) -> tuple[float, float] | None:
     return None
 
 
-def _sample(container, stream, n: int) -> list[av.VideoFrame] | None:
-    """Seek-based uniform sampling by time: frame i is the first with pts >= centre of segment i."""
+def _targets(start: float, duration: float, n: int, fps: float | None, time_base: float) -> list[float]:
+    """Target times in stream units: the centres of n equal segments, or one every 1/fps seconds
+    from the start; when there are more than n of those, n of them from the first to the last."""
+    if not fps:
+        return [start + (i + 0.5) * duration / n for i in range(n)]
+    step = 1 / fps / time_base
+    count = max(1, math.ceil(duration / step - 1e-9))
+    if count <= n:
+        picks = range(count)
+    else:
+        picks = sorted({round(i * (count - 1) / (n - 1)) for i in range(n)}) if n > 1 else [0]
+    return [start + k * step for k in picks]
+
+
+def _sample(container, stream, n: int, fps: float | None = None) -> list[av.VideoFrame] | None:
+    """Seek-based sampling by time: for each target, the first frame with pts >= it."""
     span = _timeline(container, stream)
     if span is None:
         raise _NoTimestamps
     start, duration = span
-    targets = [start + (i + 0.5) * duration / n for i in range(n)]
+    targets = _targets(start, duration, n, fps, float(stream.time_base))
     # Keyframe index from the header (mp4 moov, mkv cues). Formats without one (MPEG-TS) grow it
     # while reading, so it only ever shows keyframes behind us: ignore it there.
     index = stream.index_entries if len(stream.index_entries) else ()
@@ -149,7 +168,7 @@ def _dedupe_if_short(picked: list[av.VideoFrame], stream) -> list[av.VideoFrame]
     return None  # maybe fewer frames than asked (or unknown count): count them, keep each once
 
 
-def _sample_by_index(fileobj: BinaryIO, n: int, max_pixels: int) -> np.ndarray:
+def _sample_by_index(fileobj: BinaryIO, n: int, max_pixels: int) -> tuple[np.ndarray, list[float | None]]:
     """Two passes keep memory bounded: count packets, then decode keeping a uniform subset."""
     fileobj.seek(0)
     with av.open(fileobj, mode="r") as container:
@@ -175,10 +194,11 @@ def _sample_by_index(fileobj: BinaryIO, n: int, max_pixels: int) -> np.ndarray:
         return _stack(picked, max_pixels)
 
 
-def _stack(frames: list[av.VideoFrame], max_pixels: int) -> np.ndarray:
+def _stack(frames: list[av.VideoFrame], max_pixels: int) -> tuple[np.ndarray, list[float | None]]:
     # Mid-stream resolution changes happen (streams spliced together): scale to the first size.
     w, h = frames[0].width, frames[0].height
     if w * h > max_pixels:
         raise MediaError(f"video too large: {w * h} pixels per frame > limit {max_pixels}")
     rgb = {id(f): f.to_ndarray(format="rgb24", width=w, height=h) for f in frames}  # repeats once
-    return np.stack([rgb[id(f)] for f in frames])
+    times = [None if f.time is None else round(float(f.time), 6) for f in frames]
+    return np.stack([rgb[id(f)] for f in frames]), times
