@@ -42,6 +42,17 @@ def _cmd_run(args) -> int:
     return summary.exit_code
 
 
+def _cmd_plan(args) -> int:
+    from pipeline.config import load_job
+
+    cfg = load_job(args.job, args.set or [])
+    from pipeline.job_plan import describe, plan_job
+
+    report = plan_job(cfg, args.calibrate)
+    print(json.dumps(report) if args.json else describe(report))
+    return 0
+
+
 def _cmd_status(args) -> int:
     from pipeline.data.status import read_status
 
@@ -93,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="job file (TOML)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a job setting")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("plan", help="rows, shards, rows done, the cache plan and (--calibrate N) a time estimate")
+    p.add_argument("job")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a job setting")
+    p.add_argument("--calibrate", type=int, default=0, metavar="N", help="caption the first N rows to estimate time")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("status", help="rows done / errors / shards complete of an output dir")
     p.add_argument("out_dir")
