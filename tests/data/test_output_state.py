@@ -253,4 +253,4 @@ def test_empty_manifest_writes_the_output_schema(job, tmp_path):
     assert main(["run", str(job_file)]) == 0
     assert ds.dataset(out / "captions").to_table().schema.names == names
     assert read_status(out) == {"rows": 0, "done": 0, "ok": 0, "errors": 0, "shards": 0, "shards_complete": 0,
-                                "shards_failed": []}
+                                "shards_failed": [], "flags": {}}
