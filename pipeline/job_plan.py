@@ -32,7 +32,7 @@ def plan_job(cfg: JobConfig, calibrate: int = 0) -> dict:
     done = _done(cfg)
     info = inspect.inspect_model(cfg.model)
     report = {"rows": manifest.num_rows, "shards": len(shards),
-              "chunks": sum(len(s.chunks(cfg.output.chunk_rows)) for s in shards),
+              "chunks": sum(-(-(s.stop - s.start) // cfg.output.chunk_rows) for s in shards),  # counted, not built
               "rows_done": done, "rows_left": manifest.num_rows - done}
     from pipeline import devices  # torch: only once the light checks passed
 
