@@ -65,6 +65,8 @@ class GenerationConfig:
     compile: bool = False
     # Stop a row once its tokens loop (the same 3-gram 4 times; data/quality.py): finish_reason "repetition".
     stop_on_repetition: bool = False
+    # Rows of a shard with identical media bytes and prompt are generated once (greedy only; data/dedup.py).
+    dedup: bool = False
 
 
 @dataclass
@@ -239,6 +241,8 @@ def validate(cfg: JobConfig) -> None:
     _require(g.temperature > 0, f"generation.temperature must be > 0, got {g.temperature}")
     _require(0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
     _require(g.engine in ("fast", "hf"), f"generation.engine must be fast|hf, got {g.engine!r}")
+    _require(not (g.dedup and g.do_sample),
+             "generation.dedup needs greedy decoding: sampled rows are seeded by their row, so duplicates differ")
     _require(bool(g.prompt.strip()) or bool(i.prompt_column), "generation.prompt must not be empty")
     _require(bool(o.dir), "output.dir is required")
     _require(o.rows_per_shard >= 1, f"output.rows_per_shard must be >= 1, got {o.rows_per_shard}")

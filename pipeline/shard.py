@@ -24,6 +24,7 @@ import pyarrow as pa
 from pipeline import devices
 from pipeline.config import JobConfig
 from pipeline.data.deadline_pool import DeadlinePool, in_order
+from pipeline.data.dedup import Reuse, content_hash
 from pipeline.data.manifest import Chunk, Manifest, Shard, repair_utf8
 from pipeline.data.media import MediaError, decode_media
 from pipeline.data.output import OutputDir
@@ -159,6 +160,7 @@ class Item:
     row: dict
     media: object = None
     error: str | None = None
+    sha: str | None = None  # of the media bytes (generation.dedup)
 
 
 def _chunk_tables(ctx: JobContext, chunks: list[Chunk]) -> Iterator[tuple[Chunk, pa.Table, dict[int, str]]]:
@@ -186,6 +188,8 @@ def _decode(ctx: JobContext, item: Item) -> Item:
     try:
         if item.error is None:  # a row already refused (its input columns) is not opened
             with ctx.source.open(item.row) as f:
+                if cfg.generation.dedup:
+                    item.sha = content_hash(f)
                 item.media = decode_media(f, video_frames=cfg.generation.video_frames,
                                           max_image_pixels=cfg.input.max_image_pixels, kind_hint=hint,
                                           video_fps=cfg.generation.video_fps)
@@ -271,6 +275,7 @@ def _output_table(ctx, chunk, table, results, frames, frame_times, prompts) -> p
         "prompt": prompts,
         "model": [ctx.model_name] * len(results),
         "flags": [caption_flags(r.caption, r.finish_reason, not r.error) for r in results],
+        "dedup_of": [r.dedup_of for r in results],
     }
     for f in RESULT_FIELDS:
         table = table.append_column(f, pa.array(values[f.name], type=f.type))
@@ -311,36 +316,58 @@ def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, lis
 
     window = max(2 * cfg.generation.max_batch_size, 2 * cfg.run.decode_workers)
     engine_before = dict(ctx.engine.stats)
+    reuse = Reuse() if cfg.generation.dedup else None
     started = time.perf_counter()
     pool = DeadlinePool(lambda it: _decode(ctx, it), cfg.run.decode_workers, cfg.run.decode_timeout_s,
                         failed=_decode_failed, timed_out=_decode_timed_out(cfg.run.decode_timeout_s))
     try:
         items = _items(ctx, _chunk_tables(ctx, todo), remember)
-        _caption(ctx, in_order(pool, items, window), texts, writer)
+        _caption(ctx, in_order(pool, items, window), texts, writer, reuse)
     finally:
         pool.close()
     stats = shard_stats(ctx.out, shard.index, shard.stop - shard.start)
     if engine_before:
         stats["engine"] = _engine_stats(ctx.engine.stats, engine_before, time.perf_counter() - started)
     stats["cache_plan"] = ctx.plan.describe()
+    if reuse is not None:
+        stats["dedup_reused_rows"] = reuse.reused  # this run's: rows answered without the engine
     ctx.out.commit_shard(shard.index, stats)
     return stats
 
 
-def _caption(ctx: JobContext, decoded: Iterable[Item], texts: dict, writer: _ChunkWriter) -> None:
+def _caption(ctx: JobContext, decoded: Iterable[Item], texts: dict, writer: _ChunkWriter,
+             reuse: Reuse | None = None) -> None:
     """Rows flow through the engine's stream and come back in any order of completion; a chunk
     commits once every one of its rows has a result, so chunk boundaries (and exactly-once) hold.
+    With `reuse` (generation.dedup) a row whose media and prompt an earlier row of the shard had
+    skips the engine and takes that row's result.
 
     The fast engine pulls `requests()` on its own feeder thread, hence the lock around the writer.
     """
     lock = threading.Lock()
     pending: dict[int, Item] = {}
+    keys: dict[int, tuple] = {}
 
     def done(item: Item, result: Result, prompt: str | None) -> None:
         with lock:
             writer.put(item, result, prompt)
             if writer.complete(item.chunk):
                 writer.commit(item.chunk)
+
+    def duplicate(item: Item, req: Request) -> bool:
+        """Whether the row is a duplicate (then answered now, or once its first row is)."""
+        if reuse is None or item.sha is None:
+            return False
+        key = (item.sha, req.prompt)
+        with lock:
+            first = reuse.first_row(key, req.row_index)
+            ready = None if first is None else reuse.wait(key, (item, first, req.prompt))
+        if first is None:
+            keys[id(req)] = key
+            return False
+        if ready is not None:
+            done(item, replace(ready, dedup_of=first), req.prompt)
+        return True
 
     def requests() -> Iterator[Request]:
         for item in decoded:
@@ -353,11 +380,18 @@ def _caption(ctx: JobContext, decoded: Iterable[Item], texts: dict, writer: _Chu
             if req is None:
                 done(item, Result(error=error), None)
                 continue
+            if duplicate(item, req):
+                continue
             pending[id(req)] = item
             yield req
 
     for req, result in ctx.engine.generate_stream(requests()):
         done(pending.pop(id(req)), result, req.prompt)
+        if (key := keys.pop(id(req), None)) is not None:
+            with lock:
+                waiting = reuse.finished(key, result)
+            for item, first, prompt in waiting:
+                done(item, replace(result, dedup_of=first), prompt)
 
 
 def _engine_stats(now: dict, before: dict, wall: float) -> dict:

@@ -17,6 +17,7 @@ RESULT_FIELDS = [
     pa.field("prompt", pa.string()),
     pa.field("model", pa.string()),
     pa.field("flags", pa.list_(pa.string())),  # data/quality.py: repetition, truncated, empty
+    pa.field("dedup_of", pa.int64()),  # generation.dedup: the row whose caption this one reused
 ]
 RESULT_NAMES = {f.name for f in RESULT_FIELDS}
 

@@ -35,6 +35,7 @@ class Result:
     n_output_tokens: int | None = None
     finish_reason: str | None = None
     error: str | None = None
+    dedup_of: int | None = None  # the row whose result this is (generation.dedup)
 
 
 class Engine(Protocol):
