@@ -42,6 +42,8 @@ class InputConfig:
     media_root: str | None = None
     # Pillow's own default bomb threshold; per job so huge scans can opt in.
     max_image_pixels: int = 89_478_485
+    # "parquet", or "webdataset": tar shards (data/webdataset.py), whose media member is the bytes column
+    format: str = "parquet"
 
 
 @dataclass
@@ -119,7 +121,7 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(JobConfig))
 FINGERPRINT_KEYS = {
     "model": ("path", "dtype", "trust_remote_code"),
     "input": ("path_column", "bytes_column", "kind_column", "prompt_column", "id_column", "media_root",
-              "max_image_pixels"),
+              "max_image_pixels", "format"),
     "generation": ("prompt", "max_input_length", "max_output_length", "video_frames", "do_sample",
                    "temperature", "top_p", "seed", "stop_on_repetition", "video_fps"),
     "output": ("rows_per_shard", "chunk_rows"),
@@ -223,6 +225,11 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: JobConfig) -> None:
     m, i, g, o, r = cfg.model, cfg.input, cfg.generation, cfg.output, cfg.run
+    _require(i.format in ("parquet", "webdataset"), f"input.format must be parquet|webdataset, got {i.format!r}")
+    if i.format == "webdataset":  # the columns data/webdataset.py makes of each sample
+        _require(not i.prompt_column and not i.kind_column,
+                 "input.prompt_column / kind_column do not apply to input.format = \"webdataset\"")
+        i.path_column, i.bytes_column = None, "media"
     _require(bool(m.path), "model.path is required")
     _require(m.dtype in ("auto", "float16", "bfloat16", "float32"),
              f"model.dtype must be auto|float16|bfloat16|float32, got {m.dtype!r}")
@@ -275,7 +282,8 @@ def _validate_scaleout(r: RunConfig, o: OutputConfig) -> None:
 
 # Keys added to FINGERPRINT_KEYS after jobs were written without them: at their default they are
 # left out of the view, so an older job's fingerprint (and a resume into its dir) stays the same.
-ADDED_DEFAULTS = {("generation", "stop_on_repetition"): False, ("generation", "video_fps"): None}
+ADDED_DEFAULTS = {("generation", "stop_on_repetition"): False, ("generation", "video_fps"): None,
+                  ("input", "format"): "parquet"}
 
 
 def fingerprint_view(config: dict) -> dict:

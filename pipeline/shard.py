@@ -29,8 +29,8 @@ from pipeline.data.manifest import Chunk, Manifest, Shard, repair_utf8
 from pipeline.data.media import MediaError, decode_media
 from pipeline.data.output import OutputDir
 from pipeline.data.quality import caption_flags
-from pipeline.data.schema import RESULT_FIELDS, passthrough_name
-from pipeline.data.sources import MediaSource, SourceError
+from pipeline.data.schema import RESULT_FIELDS, hidden_columns, passthrough_name
+from pipeline.data.sources import ROW_ERROR, MediaSource, SourceError
 from pipeline.data.status import shard_stats
 from pipeline.engine import make_engine
 from pipeline.engine.base import Engine, Request, Result
@@ -176,6 +176,7 @@ def _items(ctx: JobContext, tables: Iterable[tuple[Chunk, pa.Table, dict[int, st
     # Only the columns the media source reads become Python objects; the others go to the output
     # as Arrow, so no pass-through value has to survive a conversion.
     wanted = list(dict.fromkeys(c for c in (inp.path_column, inp.bytes_column, inp.kind_column) if c))
+    wanted += [ROW_ERROR] if ROW_ERROR in ctx.manifest.schema.names else []
     for chunk, table, bad in tables:
         on_table(chunk, table)
         for pos, row in enumerate(table.select(wanted).to_pylist()):
@@ -258,9 +259,9 @@ class _ChunkWriter:
 
 
 def _output_table(ctx, chunk, table, results, frames, frame_times, prompts) -> pa.Table:
-    bytes_col = ctx.cfg.input.bytes_column
-    if bytes_col:
-        table = table.drop_columns([bytes_col])
+    hidden = [c for c in hidden_columns(ctx.cfg.input.bytes_column) if c in table.column_names]
+    if hidden:
+        table = table.drop_columns(hidden)
     table = table.rename_columns([passthrough_name(n) for n in table.column_names])
     values = {
         "row_index": list(range(chunk.start, chunk.stop)),

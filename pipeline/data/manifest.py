@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
+from pipeline.data.shards import Chunk, Shard, plan_shards  # noqa: F401 - Chunk re-exported
 from pipeline.data.sources import check_media_root
 from pipeline.errors import ConfigError
 
@@ -30,25 +31,6 @@ class ManifestFile:
     start: int  # global index of its first row
 
 
-@dataclass(frozen=True)
-class Chunk:
-    shard: int
-    index: int
-    start: int
-    stop: int
-
-
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    start: int
-    stop: int
-
-    def chunks(self, chunk_rows: int) -> list[Chunk]:
-        bounds = range(self.start, self.stop, chunk_rows)
-        return [Chunk(self.index, k, b, min(b + chunk_rows, self.stop)) for k, b in enumerate(bounds)]
-
-
 class Manifest:
     def __init__(self, fs: pafs.FileSystem, files: list[ManifestFile], schema: pa.Schema):
         self.fs, self.files, self.schema = fs, files, schema
@@ -58,8 +40,7 @@ class Manifest:
         return sum(f.num_rows for f in self.files)
 
     def plan(self, rows_per_shard: int) -> list[Shard]:
-        n = self.num_rows
-        return [Shard(i, s, min(s + rows_per_shard, n)) for i, s in enumerate(range(0, n, rows_per_shard))]
+        return plan_shards(self.num_rows, rows_per_shard)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -166,7 +147,7 @@ def _row_groups_covering(meta: pq.FileMetaData, lo: int, hi: int) -> tuple[list[
     return groups, first or 0
 
 
-def _list_paths(spec: str) -> tuple[pafs.FileSystem, list[str]]:
+def _list_paths(spec: str, suffix: str = ".parquet") -> tuple[pafs.FileSystem, list[str]]:
     if "://" in spec:
         fs, root = pafs.FileSystem.from_uri(spec)
     else:
@@ -181,20 +162,26 @@ def _list_paths(spec: str) -> tuple[pafs.FileSystem, list[str]]:
     if info.type == pafs.FileType.Directory:
         selector = pafs.FileSelector(root, recursive=True)
         infos = fs.get_file_info(selector)
-        return fs, sorted(i.path for i in infos if i.is_file and i.path.endswith(".parquet"))
+        return fs, sorted(i.path for i in infos if i.is_file and i.path.endswith(suffix))
     return fs, [root]
 
 
 def open_manifest(cfg: InputConfig) -> Manifest:
+    webdataset = cfg.format == "webdataset"
     fs, paths = None, []
     for spec in cfg.manifest:
-        spec_fs, spec_paths = _list_paths(spec)
+        spec_fs, spec_paths = _list_paths(spec, ".tar" if webdataset else ".parquet")
         if fs is not None and type(spec_fs) is not type(fs):
             raise ConfigError("input.manifest: all manifest locations must be on one filesystem")
         fs = spec_fs
         paths.extend(spec_paths)
     if not paths:
-        raise ConfigError(f"input.manifest: no Parquet files in {cfg.manifest}")
+        raise ConfigError(f"input.manifest: no {'tar' if webdataset else 'Parquet'} files in {cfg.manifest}")
+    if webdataset:
+        from pipeline.data.webdataset import open_webdataset
+
+        check_media_root(cfg)
+        return open_webdataset(fs, paths)
     files, schema, start = [], None, 0
     for path in paths:
         try:

@@ -27,8 +27,15 @@ def passthrough_name(name: str) -> str:
     return f"input_{name}" if name in RESULT_NAMES else name
 
 
+# Manifest columns that never reach the output: the media bytes, and a manifest's own row errors
+# (they become the `error` column).
+def hidden_columns(bytes_column: str | None) -> set[str]:
+    return {c for c in (bytes_column, "__error__") if c}
+
+
 def output_schema(manifest_schema: pa.Schema, bytes_column: str | None) -> pa.Schema:
     """The columns of every chunk: the input columns (less the media bytes, renamed where they clash
     with a result column), then the result columns, as the chunk writer builds them."""
-    fields = [f.with_name(passthrough_name(f.name)) for f in manifest_schema if f.name != bytes_column]
+    hidden = hidden_columns(bytes_column)
+    fields = [f.with_name(passthrough_name(f.name)) for f in manifest_schema if f.name not in hidden]
     return pa.schema(fields + RESULT_FIELDS)

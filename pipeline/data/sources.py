@@ -47,6 +47,9 @@ def check_media_root(cfg: InputConfig) -> None:
         raise ConfigError(f"input.media_root: not a directory: {cfg.media_root}")
 
 
+ROW_ERROR = "__error__"  # a manifest column saying why a row has no media (data/webdataset.py)
+
+
 class MediaSource:
     def __init__(self, cfg: InputConfig):
         self.cfg = cfg
@@ -62,6 +65,8 @@ class MediaSource:
             data = data.get("bytes") or None
         if data is not None:
             return io.BytesIO(data)
+        if row.get(ROW_ERROR):  # what the manifest itself found wrong with the row (e.g. a cut tar member)
+            raise SourceError(row[ROW_ERROR])
         path = row.get(self.cfg.path_column) if self.cfg.path_column else None
         if not path:
             raise SourceError("missing media: the row has neither bytes nor a path")
