@@ -53,21 +53,16 @@ def _done(cfg: JobConfig) -> int:
 
 
 def _cache_plan(cfg: JobConfig, manifest, info, device_spec: str) -> dict:
-    """The plan a worker on `device_spec` would make, with the weights' size taken off its free memory."""
+    """The plan a worker on `device_spec` would make before loading the weights."""
     from pipeline import devices
-    from pipeline.engine.cache_plan import plan_cache
     from pipeline.model import loader
-    from pipeline.shard import job_prompt_length
+    from pipeline.shard import job_prompt_length, plan_before_loading
 
     device = devices.resolve_device(device_spec.split("+")[0])
     dtype = loader.compute_dtype(info, devices.resolve_dtype(cfg.model.dtype, device), device)
     processor = loader.load_processor(info, cfg.model.trust_remote_code)
     prompt = job_prompt_length(cfg, manifest, info, processor)
-    free = devices.free_memory_bytes(device)
-    world = cfg.run.tensor_parallel
-    after_weights = None if free is None else free - loader.weight_bytes(info) // world
-    plan = plan_cache(loader.model_config(info), cfg.generation, prompt, device,
-                      devices.kv_cache_dtype(device, dtype), after_weights, world=world)
+    plan = plan_before_loading(cfg, info, prompt, device, dtype, cfg.run.tensor_parallel)
     return {"device": str(device), **plan.describe()}
 
 

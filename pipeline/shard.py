@@ -92,12 +92,8 @@ def open_context(cfg: JobConfig, manifest: Manifest, out: OutputDir, info: loade
     processor = loader.load_processor(info, cfg.model.trust_remote_code)
     prompt = job_prompt_length(cfg, manifest, info, processor)
     kv_dtype = devices.kv_cache_dtype(device, dtype)
-    free = devices.free_memory_bytes(device)
-    # Against what the weights will leave, before they load: a cache that cannot fit is a
-    # configuration error now, not an out-of-memory error after minutes of loading.
     world = len(group)
-    plan_cache(loader.model_config(info), cfg.generation, prompt, device, kv_dtype,
-               None if free is None else free - loader.weight_bytes(info) // world, world=world)
+    plan_before_loading(cfg, info, prompt, device, dtype, world)
     model, leader = _load(cfg, info, group, device, dtype)
     auto = cfg.generation.max_batch_size == "auto"
     plan = plan_cache(model.config, cfg.generation, prompt, device, kv_dtype,
@@ -106,6 +102,16 @@ def open_context(cfg: JobConfig, manifest: Manifest, out: OutputDir, info: loade
     cfg = replace(cfg, generation=replace(cfg.generation, max_batch_size=plan.slots))
     engine = make_engine(model, processor, cfg.generation, device, plan, tp=leader)
     return JobContext(cfg, manifest, out, info, processor, engine, model_name, plan)
+
+
+def plan_before_loading(cfg: JobConfig, info: ModelInfo, prompt: int, device, dtype, world: int) -> CachePlan:
+    """The cache plan against what the weights will leave on `device` (a rank's share of them):
+    a cache that cannot fit is a configuration error before they load, not an out-of-memory error
+    after minutes of loading."""
+    free = devices.free_memory_bytes(device)
+    after_weights = None if free is None else free - loader.weight_bytes(info) // world
+    return plan_cache(loader.model_config(info), cfg.generation, prompt, device,
+                      devices.kv_cache_dtype(device, dtype), after_weights, world=world)
 
 
 def _load(cfg: JobConfig, info: ModelInfo, group: list[str], device, dtype):

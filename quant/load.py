@@ -23,7 +23,7 @@ from quant.linear import W8A16Linear
 
 
 @contextlib.contextmanager
-def _params_on_meta(dtype: torch.dtype):
+def params_on_meta(dtype: torch.dtype):
     """Parameters go to meta as they are registered; buffers stay real (they are tiny and some,
     like rotary inv_freq, are computed in __init__ and never stored in checkpoints)."""
     from transformers.initialization import no_init_weights
@@ -111,7 +111,7 @@ def load_quantized_model(model_cls, model_dir, *, device: torch.device, dtype: t
     desc = layout.read_description(model_dir)
     files = layout.weight_files(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    with _params_on_meta(dtype):
+    with params_on_meta(dtype):
         model = model_cls(config)
     model.quant_group_size = _swap_linears(model, desc, files, device, dtype)
     for path in files:
@@ -119,11 +119,24 @@ def load_quantized_model(model_cls, model_dir, *, device: torch.device, dtype: t
             for key in f.keys():
                 if not _place(model, names.to_hf(key), f.get_tensor(key), device, dtype):
                     log.warning("%s: tensor %s has no place in %s, ignored", path.name, key, model_cls.__name__)
-    if any(p.device.type == "meta" for p in model.parameters()):
-        model.tie_weights()  # e.g. lm_head tied to embed_tokens in configs that say so
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing = settle(model, device, dtype)
     if missing:
         raise QuantError(f"{model_dir}: weights missing for {len(missing)} tensors, e.g. {missing[0]}")
+    return model.eval()
+
+
+def settle(model: nn.Module, device, dtype: torch.dtype, left_on_meta=lambda name: False) -> list[str]:
+    """Finish a model built on meta and filled tensor by tensor: tie what its config ties, move its
+    buffers to `device`, pick each W8A16Linear's kernel. Returns the parameters still without
+    weights (other than those `left_on_meta` says may stay there); nothing is finished then."""
+    def absent() -> list[str]:
+        return [n for n, p in model.named_parameters() if p.device.type == "meta" and not left_on_meta(n)]
+
+    if absent():
+        model.tie_weights()  # e.g. lm_head tied to embed_tokens in configs that say so
+    missing = absent()
+    if missing:
+        return missing
     for mod in model.modules():
         for name, buf in mod._buffers.items():
             if buf is not None and buf.device != device:
@@ -131,4 +144,4 @@ def load_quantized_model(model_cls, model_dir, *, device: torch.device, dtype: t
         if isinstance(mod, W8A16Linear):
             mod.finalize()
     model.config.dtype = dtype
-    return model.eval()
+    return []

@@ -117,11 +117,11 @@ def load_shard(model_cls, info: ModelInfo, device: torch.device, dtype: torch.dt
     from transformers import AutoConfig
 
     from quant import names
-    from quant.load import _params_on_meta
+    from quant.load import params_on_meta, settle
 
     config = AutoConfig.from_pretrained(info.path, local_files_only=True)
     check_divides(config.text_config, place.world)
-    with _params_on_meta(dtype):
+    with params_on_meta(dtype):
         model = model_cls(config)
     _swap_linears(model, place.world)
     if info.quantized:
@@ -138,19 +138,9 @@ def load_shard(model_cls, info: ModelInfo, device: torch.device, dtype: torch.dt
                 if tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 _put(model.get_submodule(mod_name), attr, tensor.to(device), name)
-    if any(p.device.type == "meta" for n, p in model.named_parameters() if not n.startswith(RANK0_ONLY)):
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters()
-               if p.device.type == "meta" and not (place.rank and n.startswith(RANK0_ONLY))]
+    missing = settle(model, device, dtype, lambda name: place.rank > 0 and name.startswith(RANK0_ONLY))
     if missing:
         raise ConfigError(f"{info.path}: weights missing for {len(missing)} tensors, e.g. {missing[0]}")
-    for module in model.modules():
-        for name, buf in module._buffers.items():
-            if buf is not None and buf.device != device:
-                module._buffers[name] = buf.to(device)
-        if hasattr(module, "finalize"):  # W8A16Linear: its kernel, once its buffers are in
-            module.finalize()
-    model.config.dtype = dtype
     model.tensor_parallel = place
     return model.eval()
 
