@@ -49,6 +49,8 @@ class InputConfig:
 @dataclass
 class GenerationConfig:
     prompt: str = "Describe this image in one sentence."
+    # Several prompts per media, name -> prompt: one output row per (row, name), one vision pass for them all.
+    prompts: dict[str, str] | None = None
     # KV-cache slots (rows decoded together); "auto" = what fits the device (engine/cache_plan.py).
     max_batch_size: int | str = "auto"
     max_input_length: int = 4096
@@ -123,7 +125,7 @@ FINGERPRINT_KEYS = {
     "input": ("path_column", "bytes_column", "kind_column", "prompt_column", "id_column", "media_root",
               "max_image_pixels", "format"),
     "generation": ("prompt", "max_input_length", "max_output_length", "video_frames", "do_sample",
-                   "temperature", "top_p", "seed", "stop_on_repetition", "video_fps"),
+                   "temperature", "top_p", "seed", "stop_on_repetition", "video_fps", "prompts"),
     "output": ("rows_per_shard", "chunk_rows"),
 }
 
@@ -186,6 +188,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{name} must be {names}, got {type(value).__name__} {value!r}")
         return value
     base = choices[0]
+    if typing.get_origin(base) is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"{name} must be a table of name = \"prompt\" strings, got {value!r}")
+        return value
     if typing.get_origin(base) is list:
         if isinstance(value, str):
             value = [value]
@@ -251,6 +257,7 @@ def validate(cfg: JobConfig) -> None:
     _require(not (g.dedup and g.do_sample),
              "generation.dedup needs greedy decoding: sampled rows are seeded by their row, so duplicates differ")
     _require(bool(g.prompt.strip()) or bool(i.prompt_column), "generation.prompt must not be empty")
+    _validate_prompts(g, i)
     _require(bool(o.dir), "output.dir is required")
     _require(o.rows_per_shard >= 1, f"output.rows_per_shard must be >= 1, got {o.rows_per_shard}")
     _require(1 <= o.chunk_rows <= o.rows_per_shard,
@@ -261,6 +268,17 @@ def validate(cfg: JobConfig) -> None:
     _require(0 < r.decode_timeout_s < float("inf"),
              f"run.decode_timeout_s must be > 0 (seconds), got {r.decode_timeout_s}")
     _validate_scaleout(r, o)
+
+
+def _validate_prompts(g: GenerationConfig, i: InputConfig) -> None:
+    if g.prompts is None:
+        return
+    _require(bool(g.prompts), "generation.prompts must name at least one prompt")
+    _require(not i.prompt_column, "generation.prompts and input.prompt_column are two sources of prompts: "
+             "give one (a list-valued prompt column gives several prompts per row)")
+    for name, text in g.prompts.items():
+        _require(bool(name.strip()), "generation.prompts: a prompt name must not be empty")
+        _require(bool(text.strip()), f"generation.prompts.{name} must not be empty")
 
 
 def _validate_scaleout(r: RunConfig, o: OutputConfig) -> None:
@@ -283,7 +301,7 @@ def _validate_scaleout(r: RunConfig, o: OutputConfig) -> None:
 # Keys added to FINGERPRINT_KEYS after jobs were written without them: at their default they are
 # left out of the view, so an older job's fingerprint (and a resume into its dir) stays the same.
 ADDED_DEFAULTS = {("generation", "stop_on_repetition"): False, ("generation", "video_fps"): None,
-                  ("input", "format"): "parquet"}
+                  ("generation", "prompts"): None, ("input", "format"): "parquet"}
 
 
 def fingerprint_view(config: dict) -> dict:

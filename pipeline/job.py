@@ -111,8 +111,8 @@ def _empty_job(cfg: JobConfig, manifest: Manifest, out: OutputDir, record: dict)
 
 def _summary(cfg: JobConfig, processed: int, seconds: float, failed: dict | None = None) -> Summary:
     status = read_status(cfg.output.dir)
-    done = status["done"]
-    error_rate = status["errors"] / done if done else 0.0
+    results = status["ok"] + status["errors"]  # one per (row, prompt)
+    error_rate = status["errors"] / results if results else 0.0
     # A shard that kept killing its workers fails the job, after everything else is finished.
     code = 1 if error_rate > cfg.run.max_error_rate or failed else 0
     return Summary(status["rows"], status["ok"], status["errors"], processed, seconds, cfg.output.dir, code,

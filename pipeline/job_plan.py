@@ -33,7 +33,7 @@ def plan_job(cfg: JobConfig, calibrate: int = 0) -> dict:
     info = inspect.inspect_model(cfg.model)
     report = {"rows": manifest.num_rows, "shards": len(shards),
               "chunks": sum(-(-(s.stop - s.start) // cfg.output.chunk_rows) for s in shards),  # counted, not built
-              "rows_done": done, "rows_left": manifest.num_rows - done}
+              "rows_done": done, "rows_left": manifest.num_rows - done, "prompts_per_row": _prompts_per_row(cfg, manifest)}
     from pipeline import devices  # torch: only once the light checks passed
 
     workers = devices.worker_devices(cfg.run.devices, cfg.model.device)
@@ -44,6 +44,15 @@ def plan_job(cfg: JobConfig, calibrate: int = 0) -> dict:
     if calibrate:
         report["calibration"] = _calibrate(cfg, manifest, calibrate, report, first.split("+"))
     return report
+
+
+def _prompts_per_row(cfg: JobConfig, manifest) -> int | str:
+    """Results each row gets: one per prompt (a list-valued prompt column: each row its own count)."""
+    column = cfg.input.prompt_column
+    kind = manifest.schema.field(column).type if column else None
+    if kind is not None and (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+        return "per row (a list column)"
+    return len(cfg.generation.prompts or {}) or 1
 
 
 def _done(cfg: JobConfig) -> int:
@@ -101,7 +110,8 @@ def _calibrate(cfg: JobConfig, manifest, n: int, report: dict, group: list[str])
 def describe(report: dict) -> str:
     plan = report["cache_plan"]
     lines = [f"{report['rows']} rows in {report['shards']} shards of {report['chunks']} chunks; "
-             f"{report['rows_done']} done, {report['rows_left']} left; {report['workers']} worker(s)",
+             f"{report['rows_done']} done, {report['rows_left']} left; {report['workers']} worker(s); "
+             f"prompts a row: {report['prompts_per_row']}",
              f"cache plan on {plan['device']}: {plan['slots']} slots x {plan['slot_length']} positions "
              f"(prompts <= {plan['prompt_length']} tokens), {plan['cache_gib']} GiB, limited by {plan['limited_by']}"]
     if cal := report.get("calibration"):

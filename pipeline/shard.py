@@ -33,7 +33,7 @@ from pipeline.data.schema import RESULT_FIELDS, hidden_columns, passthrough_name
 from pipeline.data.sources import ROW_ERROR, MediaSource, SourceError
 from pipeline.data.status import shard_stats
 from pipeline.engine import make_engine
-from pipeline.engine.base import Engine, Request, Result
+from pipeline.engine.base import Engine, Request, Result, Shared
 from pipeline.engine.cache_plan import CachePlan, longest_job_prompt, plan_cache, slot_length
 from pipeline.errors import ConfigError
 from pipeline.logs import log
@@ -220,73 +220,100 @@ def _decode_timed_out(seconds: float) -> Callable[[Item], Item]:
 
 
 class _ChunkWriter:
-    """Collects one chunk's results in row order and commits it when every row has one."""
+    """Collects one chunk's results, one per (row, prompt), and commits the chunk when every row has
+    all of them: the chunk stays the commit unit with several prompts a row."""
 
     def __init__(self, ctx: JobContext, on_commit: Callable[[Chunk, list[Result]], None]):
         self.ctx, self.on_commit = ctx, on_commit
         self.tables: dict[int, pa.Table] = {}
-        self.results: dict[int, list] = {}
-        self.frames: dict[int, list] = {}
-        self.frame_times: dict[int, list] = {}
-        self.prompts: dict[int, list] = {}
+        self.asked: dict[int, list[list[Prompt]]] = {}  # each row's (name, text) prompts
+        self.results: dict[int, list[list]] = {}
+        self.prompts: dict[int, list[list]] = {}  # each result's full prompt, as the model saw it
+        self.media: dict[int, list] = {}  # (frames, frame_times) of video rows
+        self.missing: dict[int, int] = {}
         self.started: dict[int, float] = {}
 
-    def open(self, chunk: Chunk, table: pa.Table) -> None:
-        n = chunk.stop - chunk.start
-        self.tables[chunk.index] = table
-        self.results[chunk.index] = [None] * n
-        self.frames[chunk.index] = [None] * n
-        self.frame_times[chunk.index] = [None] * n
-        self.prompts[chunk.index] = [None] * n
-        self.started[chunk.index] = time.perf_counter()
+    def open(self, chunk: Chunk, table: pa.Table, asked: list[list[Prompt]]) -> None:
+        k = chunk.index
+        self.tables[k], self.asked[k] = table, asked
+        self.results[k] = [[None] * len(a) for a in asked]
+        self.prompts[k] = [[None] * len(a) for a in asked]
+        self.media[k] = [(None, None)] * len(asked)
+        self.missing[k] = sum(map(len, asked))
+        self.started[k] = time.perf_counter()
 
-    def put(self, item: Item, result: Result, prompt: str | None) -> None:
+    def put(self, item: Item, which: int, result: Result, prompt: str | None) -> None:
         k = item.chunk.index
-        self.results[k][item.pos] = result
-        self.prompts[k][item.pos] = prompt
+        if self.results[k][item.pos][which] is None:
+            self.missing[k] -= 1
+        self.results[k][item.pos][which] = result
+        self.prompts[k][item.pos][which] = prompt
         if item.media is not None and item.media.kind == "video":
-            self.frames[k][item.pos] = int(item.media.frames.shape[0])
-            self.frame_times[k][item.pos] = item.media.frame_times
+            self.media[k][item.pos] = (int(item.media.frames.shape[0]), item.media.frame_times)
 
     def complete(self, chunk: Chunk) -> bool:
-        return all(r is not None for r in self.results[chunk.index])
+        return self.missing[chunk.index] == 0
 
     def commit(self, chunk: Chunk) -> None:
         k = chunk.index
         results = self.results.pop(k)
-        table = _output_table(self.ctx, chunk, self.tables.pop(k), results, self.frames.pop(k),
-                              self.frame_times.pop(k), self.prompts.pop(k))
+        table = _output_table(self.ctx, chunk, self.tables.pop(k), self.asked.pop(k), results, self.prompts.pop(k),
+                              self.media.pop(k))
         meta = {"shard": chunk.shard, "chunk": k, "start": chunk.start, "stop": chunk.stop,
                 "seconds": time.perf_counter() - self.started.pop(k),
                 # provenance: which process on which host wrote the chunk (ops, and the kill tests)
                 "host": socket.gethostname(), "pid": os.getpid()}
+        del self.missing[k]
         self.ctx.out.commit_chunk(chunk.shard, k, table, meta)
-        self.on_commit(chunk, results)
+        self.on_commit(chunk, [r for row in results for r in row])
 
 
-def _output_table(ctx, chunk, table, results, frames, frame_times, prompts) -> pa.Table:
+def _output_table(ctx, chunk, table, asked, results, prompts, media) -> pa.Table:
+    """One output row per (manifest row, prompt), in row order then prompt order."""
     hidden = [c for c in hidden_columns(ctx.cfg.input.bytes_column) if c in table.column_names]
     if hidden:
         table = table.drop_columns(hidden)
     table = table.rename_columns([passthrough_name(n) for n in table.column_names])
+    rows = [pos for pos, a in enumerate(asked) for _ in a]
+    table = table.take(pa.array(rows, type=pa.int64()))
+    flat = [r for row in results for r in row]
     values = {
-        "row_index": list(range(chunk.start, chunk.stop)),
-        "caption": [r.caption for r in results],
-        "status": ["error" if r.error else "ok" for r in results],
-        "error": [r.error for r in results],
-        "n_prompt_tokens": [r.n_prompt_tokens for r in results],
-        "n_output_tokens": [r.n_output_tokens for r in results],
-        "finish_reason": [r.finish_reason for r in results],
-        "frames": frames,
-        "frame_times": frame_times,
-        "prompt": prompts,
-        "model": [ctx.model_name] * len(results),
-        "flags": [caption_flags(r.caption, r.finish_reason, not r.error) for r in results],
-        "dedup_of": [r.dedup_of for r in results],
+        "row_index": [chunk.start + pos for pos in rows],
+        "caption": [r.caption for r in flat],
+        "status": ["error" if r.error else "ok" for r in flat],
+        "error": [r.error for r in flat],
+        "n_prompt_tokens": [r.n_prompt_tokens for r in flat],
+        "n_output_tokens": [r.n_output_tokens for r in flat],
+        "finish_reason": [r.finish_reason for r in flat],
+        "frames": [media[pos][0] for pos in rows],
+        "frame_times": [media[pos][1] for pos in rows],
+        "prompt": [p for row in prompts for p in row],
+        "prompt_name": [name for a in asked for name, _ in a],
+        "model": [ctx.model_name] * len(flat),
+        "flags": [caption_flags(r.caption, r.finish_reason, not r.error) for r in flat],
+        "dedup_of": [r.dedup_of for r in flat],
     }
     for f in RESULT_FIELDS:
         table = table.append_column(f, pa.array(values[f.name], type=f.type))
     return table
+
+
+# A prompt a row asks for: (its name in generation.prompts or its index in a list-valued prompt
+# column, None for the one prompt of a job; the prompt text).
+Prompt = tuple[str | None, str]
+
+
+def row_prompts(gen, value) -> list[Prompt]:
+    """The prompts of a row whose prompt column holds `value` (None without a column): the column's
+    text, or each text of its list; generation.prompts; else generation.prompt. A missing or empty
+    text is generation.prompt."""
+    if isinstance(value, list | tuple):
+        return [(str(i), text or gen.prompt) for i, text in enumerate(value)] or [(None, gen.prompt)]
+    if value:
+        return [(None, value)]
+    if gen.prompts:
+        return list(gen.prompts.items())
+    return [(None, gen.prompt)]
 
 
 def _row_error(ctx: JobContext, item: Item, text: str) -> str | None:
@@ -314,12 +341,12 @@ def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, lis
     todo = [c for c in shard.chunks(cfg.output.chunk_rows) if c.index not in committed]
     writer = _ChunkWriter(ctx, on_commit)
     prompt_col = cfg.input.prompt_column
-    texts: dict[int, dict[int, str]] = {}
+    texts: dict[int, list[list[Prompt]]] = {}
 
     def remember(chunk: Chunk, table: pa.Table) -> None:
-        writer.open(chunk, table)
-        if prompt_col:
-            texts[chunk.index] = dict(enumerate(table.column(prompt_col).to_pylist()))
+        values = table.column(prompt_col).to_pylist() if prompt_col else [None] * table.num_rows
+        texts[chunk.index] = [row_prompts(cfg.generation, v) for v in values]
+        writer.open(chunk, table, texts[chunk.index])
 
     window = max(2 * cfg.generation.max_batch_size, 2 * cfg.run.decode_workers)
     engine_before = dict(ctx.engine.stats)
@@ -344,61 +371,71 @@ def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, lis
 
 def _caption(ctx: JobContext, decoded: Iterable[Item], texts: dict, writer: _ChunkWriter,
              reuse: Reuse | None = None) -> None:
-    """Rows flow through the engine's stream and come back in any order of completion; a chunk
-    commits once every one of its rows has a result, so chunk boundaries (and exactly-once) hold.
-    With `reuse` (generation.dedup) a row whose media and prompt an earlier row of the shard had
+    """Rows flow through the engine's stream, one request per (row, prompt), and come back in any
+    order of completion; a chunk commits once every one of its rows has all its results, so chunk
+    boundaries (and exactly-once) hold. The prompts of one row share its media (Request.shared).
+    With `reuse` (generation.dedup) a request whose media and prompt an earlier row of the shard had
     skips the engine and takes that row's result.
 
     The fast engine pulls `requests()` on its own feeder thread, hence the lock around the writer.
     """
     lock = threading.Lock()
-    pending: dict[int, Item] = {}
+    pending: dict[int, tuple[Item, int]] = {}
     keys: dict[int, tuple] = {}
 
-    def done(item: Item, result: Result, prompt: str | None) -> None:
+    def done(item: Item, which: int, result: Result, prompt: str | None) -> None:
         with lock:
-            writer.put(item, result, prompt)
+            writer.put(item, which, result, prompt)
             if writer.complete(item.chunk):
                 writer.commit(item.chunk)
 
-    def duplicate(item: Item, req: Request) -> bool:
-        """Whether the row is a duplicate (then answered now, or once its first row is)."""
+    def duplicate(item: Item, which: int, req: Request) -> bool:
+        """Whether the request is a duplicate (then answered now, or once its first row's is)."""
         if reuse is None or item.sha is None:
             return False
         key = (item.sha, req.prompt)
         with lock:
             first = reuse.first_row(key, req.row_index)
-            ready = None if first is None else reuse.wait(key, (item, first, req.prompt))
+            ready = None if first is None else reuse.wait(key, (item, which, first, req.prompt))
         if first is None:
             keys[id(req)] = key
             return False
         if ready is not None:
-            done(item, replace(ready, dedup_of=first), req.prompt)
+            done(item, which, replace(ready, dedup_of=first), req.prompt)
         return True
 
     def requests() -> Iterator[Request]:
         for item in decoded:
-            text = texts.get(item.chunk.index, {}).get(item.pos) or ctx.cfg.generation.prompt
-            try:
-                error = _row_error(ctx, item, text)
-                req = _request(ctx, item, text) if error is None else None
-            except Exception as e:  # noqa: BLE001 - e.g. a chat template that refuses this text
-                error, req = f"prompt error: {type(e).__name__}: {e}", None
-            if req is None:
-                done(item, Result(error=error), None)
-                continue
-            if duplicate(item, req):
-                continue
-            pending[id(req)] = item
-            yield req
+            asked = texts[item.chunk.index][item.pos]
+            shared = Shared((item.chunk.index, item.pos), len(asked)) if len(asked) > 1 else None
+            for which, (_, text) in enumerate(asked):
+                req, error = _checked_request(ctx, item, text, shared)
+                if req is None:
+                    done(item, which, Result(error=error), None)
+                    continue
+                if duplicate(item, which, req):
+                    continue
+                pending[id(req)] = (item, which)
+                yield req
 
     for req, result in ctx.engine.generate_stream(requests()):
-        done(pending.pop(id(req)), result, req.prompt)
+        item, which = pending.pop(id(req))
+        done(item, which, result, req.prompt)
         if (key := keys.pop(id(req), None)) is not None:
             with lock:
                 waiting = reuse.finished(key, result)
-            for item, first, prompt in waiting:
-                done(item, replace(result, dedup_of=first), prompt)
+            for other, other_which, first, prompt in waiting:
+                done(other, other_which, replace(result, dedup_of=first), prompt)
+
+
+def _checked_request(ctx: JobContext, item: Item, text: str, shared: Shared | None
+                     ) -> tuple[Request | None, str | None]:
+    """(the row's request for `text`, None), or (None, why it gets no caption)."""
+    try:
+        error = _row_error(ctx, item, text)
+        return (replace(_request(ctx, item, text), shared=shared), None) if error is None else (None, error)
+    except Exception as e:  # noqa: BLE001 - e.g. a chat template that refuses this text
+        return None, f"prompt error: {type(e).__name__}: {e}"
 
 
 def _engine_stats(now: dict, before: dict, wall: float) -> dict:

@@ -54,12 +54,15 @@ class Manifest:
         return {"files": [f.path for f in self.files], "num_rows": self.num_rows, "fingerprint": self.fingerprint()}
 
     def max_bytes(self, column: str) -> int:
-        """The longest value of a string column, in bytes: one column streamed, every file."""
+        """The longest value of a string column (or of any item of a list-of-strings column), in
+        bytes: one column streamed, every file."""
         longest = 0
         for f in self.files:
             with self.fs.open_input_file(f.path) as handle:
                 for batch in pq.ParquetFile(handle).iter_batches(batch_size=65536, columns=[column]):
                     values = batch.column(0)
+                    if _is_list(values.type):
+                        values = pc.list_flatten(values)
                     if _is_view(values.type, "string"):  # binary_length has no kernel for views
                         values = values.cast(pa.large_string())
                     most = pc.max(pc.binary_length(values)).as_py()
@@ -218,8 +221,10 @@ def _check_types(cfg: InputConfig, schema: pa.Schema) -> None:
     for key, null_ok in text_cols.items():
         col = getattr(cfg, key)
         t = schema.field(col).type if col else None
-        if t is not None and not (_is_text(t) or null_ok and pa.types.is_null(t)):
+        several = key == "prompt_column" and t is not None and _is_list(t) and _is_text(t.value_type)
+        if t is not None and not (_is_text(t) or several or null_ok and pa.types.is_null(t)):
             raise ConfigError(f"input.{key}: column {col!r} has type {t}; it must hold strings"
+                              + (" or lists of strings (several prompts a row)" if key == "prompt_column" else "")
                               + (" (cast it to string: paths are not decoded from bytes)"
                                  if key == "path_column" and _is_binary(t) else ""))
     if cfg.id_column:
@@ -239,6 +244,10 @@ def _is_text(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         t = t.value_type
     return pa.types.is_string(t) or pa.types.is_large_string(t) or _is_view(t, "string")
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
 
 
 def _is_binary(t: pa.DataType) -> bool:

@@ -15,6 +15,7 @@ RESULT_FIELDS = [
     pa.field("frames", pa.int32()),
     pa.field("frame_times", pa.list_(pa.float64())),  # seconds of each frame used (video rows)
     pa.field("prompt", pa.string()),
+    pa.field("prompt_name", pa.string()),  # generation.prompts' name, or the index in a list of prompts
     pa.field("model", pa.string()),
     pa.field("flags", pa.list_(pa.string())),  # data/quality.py: repetition, truncated, empty
     pa.field("dedup_of", pa.int64()),  # generation.dedup: the row whose caption this one reused

@@ -8,6 +8,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.data.output import JOB_FILE, OutputDir, open_chunk
@@ -51,13 +52,15 @@ def _flags(pf: pq.ParquetFile) -> Counter:
     return Counter(f for row in pf.read(columns=["flags"]).column("flags").to_pylist() for f in row or ())
 
 
-def _chunk_statuses(out: OutputDir, path: Path) -> tuple[list[str], Counter]:
-    """The status column and the flags of one of this job's chunks; nothing for another job's (or a
-    vanished) chunk."""
+def _chunk_statuses(out: OutputDir, path: Path) -> tuple[list[str], Counter, int]:
+    """The status column, the flags and the manifest rows of one of this job's chunks (a row has a
+    result per prompt); nothing for another job's (or a vanished) chunk."""
     with open_chunk(path) as pf:
         if pf is None or not out.chunk_is_ours(path, pf):
-            return [], Counter()
-        return pf.read(columns=["status"]).column("status").to_pylist(), _flags(pf)
+            return [], Counter(), 0
+        table = pf.read(columns=["status", "row_index"])
+        rows = pc.count_distinct(table.column("row_index")).as_py()
+        return table.column("status").to_pylist(), _flags(pf), rows
 
 
 def read_status(root: str | os.PathLike) -> dict:
@@ -70,15 +73,18 @@ def read_status(root: str | os.PathLike) -> dict:
     n_shards = job["plan"]["shards"]
     done = {s: stats for s, stats in out.done_shards().items() if s < n_shards}
     counts = Counter(ok=sum(s["ok"] for s in done.values()), error=sum(s["errors"] for s in done.values()))
+    rows = sum(s["rows"] for s in done.values())
     flags = Counter()
     for stats in done.values():
         flags.update(stats.get("flags", {}))
     for shard, _, path in out.all_chunk_files():
         if shard not in done:
-            statuses, chunk_flags = _chunk_statuses(out, path)
+            statuses, chunk_flags, chunk_rows = _chunk_statuses(out, path)
             counts.update(statuses)
             flags.update(chunk_flags)
+            rows += chunk_rows
     failed = [s for s in out.failed_shards() if s not in done]
-    return {"rows": job["manifest"]["num_rows"], "done": counts["ok"] + counts["error"], "ok": counts["ok"],
+    # done: manifest rows; ok + errors: results, one per (row, prompt)
+    return {"rows": job["manifest"]["num_rows"], "done": rows, "ok": counts["ok"],
             "errors": counts["error"], "shards": n_shards, "shards_complete": len(done),
             "shards_failed": failed, "flags": dict(flags)}

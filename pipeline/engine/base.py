@@ -16,6 +16,16 @@ from pipeline import devices
 from pipeline.data.quality import repetition_stop
 
 
+@dataclass(frozen=True)
+class Shared:
+    """Requests that share one media (the prompts of one manifest row): they come one after another
+    in the stream with the same `key`, `count` of them at most. An engine may then run the vision
+    tower once for them and prefill their common first tokens once."""
+
+    key: object
+    count: int
+
+
 @dataclass
 class Request:
     row_index: int
@@ -26,6 +36,7 @@ class Request:
     # Rows of different groups never share a batch (the runner passes the chunk, so a chunk's captions
     # depend on its own rows only); an engine that decodes row by row may ignore it.
     group: object = None
+    shared: Shared | None = None
 
 
 @dataclass

@@ -139,11 +139,12 @@ def _too_small(what: str, slots: int, positions: int, per_slot: int, reserve: in
 
 
 def longest_job_prompt(processor, info, gen: GenerationConfig, column_bytes: int | None = None) -> int:
-    """The longest prompt, in tokens, this job can give the model: its prompt, or a prompt column's
-    longest value (`column_bytes`, in the most tokens that many bytes can make), with the media
-    kinds the model takes."""
+    """The longest prompt, in tokens, this job can give the model: its prompt (or prompts), or a
+    prompt column's longest value (`column_bytes`, in the most tokens that many bytes can make), with
+    the media kinds the model takes."""
     kinds = ["image", "video"] if info.supports_video else ["image"]
-    longest = prompt_length.longest_prompt(processor, info, [gen.prompt], kinds, gen.video_frames)
+    texts = list(gen.prompts.values()) if gen.prompts else [gen.prompt]
+    longest = prompt_length.longest_prompt(processor, info, texts, kinds, gen.video_frames)
     if column_bytes is not None:
         bare = prompt_length.longest_prompt(processor, info, [""], kinds, gen.video_frames)
         longest = max(longest, bare + prompt_length.text_token_bound(column_bytes))

@@ -35,7 +35,7 @@ from pipeline.engine.cache_plan import CachePlan, plan_for_model
 from pipeline.engine.feeder import Feeder
 from pipeline.engine.runner import Runner
 from pipeline.engine.scheduler import Scheduler
-from pipeline.engine.sequence import Done, Sequence, by_kind
+from pipeline.engine.sequence import Done, Sequence, by_kind, link_shared, shared_prefix
 from pipeline.engine.tp_steps import Leader
 
 REFILL_FRACTION = 4  # refill once a quarter of the slots are free (benchmarks/RESULTS.md: refill threshold)
@@ -55,7 +55,8 @@ class FastEngine:
         self.compact = True  # always, with or without graphs; a test turns it off to show it changes nothing
         # busy_s = prefill_s (nothing decoding) + decode_s + mixed_s (decode steps carrying a refill)
         self.stats = {"busy_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "mixed_s": 0.0, "steps": 0,
-                      "mixed_steps": 0, "prefill_tokens": 0, "generated_tokens": 0}
+                      "mixed_steps": 0, "prefill_tokens": 0, "shared_prefix_tokens": 0, "generated_tokens": 0,
+                      "media_encoded": 0}
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -107,6 +108,7 @@ class FastEngine:
                                                 self.plan.prompt_length < self.gen.max_input_length)
             else:
                 ready.append(Sequence(tag, req, enc, len(enc.input_ids)))
+        link_shared(ready)
         return ready
 
     # -- prefill on its own (nothing is decoding, or a mixed step failed) -------------------------
@@ -121,9 +123,10 @@ class FastEngine:
     def _prefill_rows(self, seqs: list[Sequence]) -> list[int]:
         started = time.perf_counter()
         self._seed(seqs)
+        self._count_media(seqs)
         first = self.runner.prefill(seqs)
         self._account("prefill_s", started)
-        self.stats["prefill_tokens"] += sum(s.n_prompt for s in seqs)
+        self._count_prefill(seqs)
         return first
 
     # -- a decode step, with the new rows' prefill riding along -----------------------------------
@@ -150,7 +153,7 @@ class FastEngine:
         self._account("mixed_s" if new else "decode_s", started)
         self.stats["steps"] += 1
         self.stats["mixed_steps"] += bool(new)
-        self.stats["prefill_tokens"] += sum(s.n_prompt for s in new)
+        self._count_prefill(new)
         yield from self._finished(sched.postprocess(active, tokens))
         yield from self._finished(sched.admit(zip(new, first, strict=True)))
 
@@ -159,6 +162,7 @@ class FastEngine:
         the rows that fail."""
         out = []
         for group in by_kind(seqs):
+            self._count_media(group)
             for seq, embeds in (yield from self._rowwise(group, self.runner.embed)):
                 seq.embeds = embeds
                 out.append(seq)
@@ -187,6 +191,15 @@ class FastEngine:
             self.stats["generated_tokens"] += len(seq.tokens)
             yield seq.done(caption_result(seq.tokens, seq.n_prompt, self.eos_ids, self.processor.tokenizer,
                                           self.gen.stop_on_repetition))
+
+    def _count_media(self, seqs: list[Sequence]) -> None:
+        """Media sent to the vision tower: once for the prompts of one media (multimodal.embed)."""
+        self.stats["media_encoded"] += len({id(s.encoded.pixels) for s in seqs})
+
+    def _count_prefill(self, seqs: list[Sequence]) -> None:
+        shared = sum(shared_prefix(s, seqs) for s in seqs)
+        self.stats["prefill_tokens"] += sum(s.n_prompt for s in seqs) - shared
+        self.stats["shared_prefix_tokens"] += shared
 
     def _seed(self, seqs: list[Sequence]) -> None:
         """A fresh generator per row and attempt: a row retried samples what it would have the first time."""

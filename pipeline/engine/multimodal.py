@@ -36,6 +36,20 @@ def encode(processor, request: Request) -> Encoded:
     return Encoded(out["input_ids"][0], pixels, out.get("image_sizes"))
 
 
+def encode_sharing(processor, request: Request, like: Encoded) -> Encoded:
+    """Another prompt of `like`'s media without preprocessing the media again: `like`'s pixels, and
+    the prompt tokenized as the processor's __call__ does, after expanding its placeholder to the
+    count `like` has (the processors replace it, then run their tokenizer with its defaults)."""
+    video = request.kind == "video"
+    token = processor.video_token if video else processor.image_token
+    token_id = processor.video_token_id if video else processor.image_token_id
+    count = int((like.input_ids == token_id).sum())
+    if request.prompt.count(token) != 1:
+        raise ValueError(f"a prompt sharing media must hold one {token} placeholder")
+    ids = processor.tokenizer(request.prompt.replace(token, token * count), return_tensors="pt")["input_ids"][0]
+    return Encoded(ids, like.pixels, like.image_sizes)
+
+
 def _features(model: nn.Module, kind: str, rows: list[Encoded], dtype: torch.dtype,
               device) -> list[torch.Tensor]:
     """Media features of every row in one vision-tower call; one [tokens, hidden] tensor per row."""
@@ -53,18 +67,22 @@ def _features(model: nn.Module, kind: str, rows: list[Encoded], dtype: torch.dty
 
 
 def embed(model: nn.Module, kind: str, rows: list[Encoded], dtype: torch.dtype, device) -> list[torch.Tensor]:
-    """Prompt embeddings [n_i, hidden] of rows that share one media kind."""
+    """Prompt embeddings [n_i, hidden] of rows that share one media kind. Rows holding the same pixel
+    tensor (prompts of one media, encode_sharing) go through the vision tower once."""
     config = model.config
     token = config.video_token_id if kind == "video" else config.image_token_id
     table = model.model.get_input_embeddings()
+    unique = {id(r.pixels): r for r in rows}
+    features = dict(zip(unique, _features(model, kind, list(unique.values()), dtype, device), strict=True))
     out = []
-    for row, features in zip(rows, _features(model, kind, rows, dtype, device), strict=True):
+    for row in rows:
+        features_of_row = features[id(row.pixels)]
         ids = row.input_ids.to(device)
         x = table(ids)
         place = ids == token
-        if int(place.sum()) != features.shape[0]:
+        if int(place.sum()) != features_of_row.shape[0]:
             raise ValueError(f"{int(place.sum())} {kind} tokens in the prompt but "
-                             f"{features.shape[0]} features")
-        x[place] = features.to(x.dtype)
+                             f"{features_of_row.shape[0]} features")
+        x[place] = features_of_row.to(x.dtype)
         out.append(x)
     return out

@@ -16,7 +16,7 @@ from pipeline.engine import multimodal
 from pipeline.engine.cache_plan import CachePlan
 from pipeline.engine.decode_graphs import DecodeGraphs
 from pipeline.engine.sampling import pick
-from pipeline.engine.sequence import Sequence
+from pipeline.engine.sequence import Sequence, shared_prefix
 from pipeline.engine.tp_steps import Leader, RankLost
 from pipeline.logs import log
 from pipeline.model import decoder
@@ -71,6 +71,10 @@ class Runner:
     def prefill(self, seqs: list[Sequence]) -> list[int]:
         """Rows of one media kind into their slots, on their own; returns each one's first token."""
         embeds = self.embed(seqs)
+        if any(shared_prefix(s, seqs) for s in seqs):  # only packed prompts can share a prefix
+            for seq, e in zip(seqs, embeds, strict=True):
+                seq.embeds = e
+            return self.step(self.step_inputs([]), [], seqs)[1]
         lengths = torch.tensor([len(e) for e in embeds], device=self.device)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
         padded = pad_sequence(embeds, batch_first=True)
@@ -83,9 +87,10 @@ class Runner:
         for i, seq in enumerate(rows):
             if seq is not None:
                 last[i], pos[i] = seq.tokens[-1], seq.position
-        window = window_for(max(pos), self.cache.max_len)
+        window = window_for(max(pos, default=0), self.cache.max_len)
         device = self.device
-        return StepInputs(torch.tensor(last, device=device), torch.tensor(pos, device=device), window,
+        return StepInputs(torch.tensor(last, dtype=torch.long, device=device),
+                          torch.tensor(pos, dtype=torch.long, device=device), window,
                           [p + 1 for p in pos])
 
     def step(self, inputs: StepInputs, rows: list[Sequence | None],
@@ -96,10 +101,16 @@ class Runner:
         host = self.cache.attention == "npu"
         if new:
             targets = torch.tensor([s.slot for s in new], device=self.device)
-            prompts = [s.embeds for s in new]
+            shared = [shared_prefix(s, new) for s in new]
+            prompts = [s.embeds[k:] for s, k in zip(new, shared, strict=True)]
+            prefixes = [(s.source.slot, k) if k else (-1, 0) for s, k in zip(new, shared, strict=True)]
             logits, prompt_logits = self._on_ranks(
-                lambda: self.tp.mixed(inputs.tokens, inputs.positions, inputs.window, host, prompts, targets),
-                lambda: decoder.decode_and_prefill(*args, prompts, targets, inputs.lengths if host else None))
+                lambda: self.tp.mixed(inputs.tokens, inputs.positions, inputs.window, host, prompts, targets, prefixes),
+                lambda: decoder.decode_and_prefill(*args, prompts, targets, inputs.lengths if host else None,
+                                                   prefixes))
+            for seq, (source, k) in zip(new, prefixes, strict=True):
+                if k:  # the rest is in the row's slot; its first tokens come from the source's
+                    self.move(source, seq.slot, k)
             first = self._pick(prompt_logits, new)
         elif self.graphs is not None:
             logits = self._on_ranks(lambda: self.tp.graph_step(inputs.tokens, inputs.positions),

@@ -44,9 +44,11 @@ class Leader:
         self._send(DECODE, [tokens.shape[0], window, int(host)], [tokens, positions])
 
     def mixed(self, tokens: torch.Tensor, positions: torch.Tensor, window: int, host: bool,
-              prompts: list[torch.Tensor], slots: torch.Tensor) -> None:
+              prompts: list[torch.Tensor], slots: torch.Tensor, prefixes: list[tuple[int, int]]) -> None:
         sizes = [p.shape[0] for p in prompts]
-        self._send(MIXED, [tokens.shape[0], window, int(host), *sizes], [tokens, positions, torch.cat(prompts), slots])
+        shared = [x for prefix in prefixes for x in prefix]
+        self._send(MIXED, [tokens.shape[0], window, int(host), len(sizes), *sizes, *shared],
+                   [tokens, positions, torch.cat(prompts), slots])
 
     def move(self, src: int, dst: int, length: int) -> None:
         self._send(MOVE, [src, dst, length])
@@ -106,12 +108,13 @@ def follow(lm: decoder.LanguageModel, cache: KVCache, device: torch.device, dtyp
             tokens, positions = _recv((n,), torch.long, device), _recv((n,), torch.long, device)
             decoder.decode_step(lm, cache, tokens, positions, window, _host(positions, host))
         elif op == MIXED:
-            n, window, host, *sizes = ints
+            n, window, host, count = ints[:4]
+            sizes, shared = ints[4:4 + count], ints[4 + count:]
             tokens, positions = _recv((n,), torch.long, device), _recv((n,), torch.long, device)
             packed = _recv((sum(sizes), hidden), dtype, device)
-            slots = _recv((len(sizes),), torch.long, device)
+            slots = _recv((count,), torch.long, device)
             decoder.decode_and_prefill(lm, cache, tokens, positions, window, list(packed.split(sizes)), slots,
-                                       _host(positions, host))
+                                       _host(positions, host), list(zip(shared[::2], shared[1::2], strict=True)))
         else:
             raise RuntimeError(f"tensor parallel: unknown op {op}")
 

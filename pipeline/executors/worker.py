@@ -86,10 +86,10 @@ class ShardWorker:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: a shard that kills every worker it meets
         rows = 0
 
-        def on_commit(chunk, results) -> None:
+        def on_commit(chunk, results) -> None:  # results: one per (row, prompt)
             nonlocal rows
-            rows += len(results)
-            on_chunk(len(results), sum(r.error is not None for r in results))
+            rows += chunk.stop - chunk.start
+            on_chunk(chunk.stop - chunk.start, sum(r.error is not None for r in results))
             if not self.leases.owns(shard.index):
                 raise LeaseLost(f"shard {shard.index}")
             if _hang_here(shard.index):

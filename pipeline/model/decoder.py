@@ -244,39 +244,57 @@ def _attend_kernel(cache: KVCache, layer: int, q, k, v, rope: Rope, lengths: tor
 
 def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
                        window: int, prompts: list[torch.Tensor], slots: torch.Tensor,
-                       host_lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`decode_step` for the first n slots and the prefill of `prompts` ([n_i, hidden] each) into
-    free `slots` (any index), in one pass over the weights.
+                       host_lengths: list[int] | None = None,
+                       prefixes: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_step` for the first n slots (n may be 0) and the prefill of `prompts` ([n_i, hidden]
+    each) into free `slots` (any index), in one pass over the weights.
 
     The prompts' tokens ride in the decode step's matmuls (M = slots + prompt tokens) instead of a
     pass of their own, so a freed slot can be refilled at once instead of waiting for company.
     Tokens are packed as [tokens, 1, hidden]: only attention tells decode rows from prompt rows.
+
+    `prefixes[r] = (source slot, offset)` with offset > 0 makes prompt r the rest of a prompt whose
+    first `offset` tokens are in the cache at the source slot (several prompts of one media share
+    their image tokens): its tokens sit at positions offset.., attend to the source's first `offset`
+    positions and to themselves, and go to its own slot from position offset on; the caller copies
+    the prefix over afterwards (KVCache.move). A source may be a prompt of this same call: whole
+    prompts write each layer's cache before the rest read it.
     Returns (decode logits [n, vocab], last-token logits of each prompt [len(prompts), vocab]).
     """
     n = tokens.shape[0]
     lengths = [p.shape[0] for p in prompts]
+    offsets = [off for _, off in prefixes] if prefixes else [0] * len(prompts)
     starts = [n + sum(lengths[:r]) for r in range(len(prompts))]
     device = tokens.device
     x = torch.cat([lm.embed(tokens), *prompts])[:, None]
-    pos = torch.cat([positions, *(torch.arange(m, device=device) for m in lengths)])
-    step_attend = _step_attention(lm, cache, positions, window, host_lengths)
+    pos = torch.cat([positions, *(torch.arange(off, off + m, device=device) for off, m in zip(offsets, lengths,
+                                                                                               strict=True))])
+    step_attend = _step_attention(lm, cache, positions, window, host_lengths) if n else None
     prompt_masks = {m: prefill_mask(m, lm.sliding_window, device) for m in set(lengths)}
-
-    runs = _equal_runs(lengths)
+    # Consecutive whole prompts of one length share an attention call; each rest is a call of its own.
+    runs = _equal_runs([(m, 0) if not off else (m, -r - 1) for r, (m, off) in enumerate(zip(lengths, offsets,
+                                                                                             strict=True))])
+    slot_list = slots.tolist() if any(offsets) else None
 
     def attend(i, q, k, v, rope):  # q, k, v [tokens, 1, heads, head_dim]
         scale = lm.layers[i].layer.self_attn.scaling
         # Idle slots write garbage at position 0 here; the prompt written next overwrites its slot's.
-        out = [step_attend(i, q[:n], k[:n], v[:n], (rope[0][:n], rope[1][:n]))]
+        out = [step_attend(i, q[:n], k[:n], v[:n], (rope[0][:n], rope[1][:n]))] if n else []
         q, k, v = _rotated(lm, q[n:], k[n:], v[n:], (rope[0][n:], rope[1][n:]))  # [tokens - n, heads, 1, head_dim]
-        for first, count, m in runs:  # prompts of one length in one call: [count, heads, m, head_dim]
+        pieces = {}
+        # Whole prompts first, every layer: a rest's source may be one of them.
+        for first, count, (m, _) in sorted(runs, key=lambda run: offsets[run[0]] > 0):
             start = starts[first] - n
             qr, kr, vr = (t[start:start + count * m].reshape(count, m, t.shape[1], -1).transpose(1, 2) for t in (q, k, v))
-            cache.write_prefill(i, slots[first:first + count], kr, vr)
-            mask = prompt_masks[m]
-            att = _sdpa(qr, kr, vr, mask, scale, causal=mask is None)
-            out.append(att.transpose(1, 2).reshape(count * m, 1, -1))
-        return torch.cat(out)
+            if offsets[first]:
+                att = _attend_rest(cache, i, qr, kr, vr, prefixes[first][0], slot_list[first], offsets[first],
+                                   lm.sliding_window, scale)
+            else:
+                cache.write_prefill(i, slots[first:first + count], kr, vr)
+                mask = prompt_masks[m]
+                att = _sdpa(qr, kr, vr, mask, scale, causal=mask is None)
+            pieces[first] = att.transpose(1, 2).reshape(count * m, 1, -1)
+        return torch.cat(out + [pieces[r] for r in sorted(pieces)])
 
     x = _run(lm, x, pos[:, None], attend)[:, 0]
     last = torch.tensor([s + m - 1 for s, m in zip(starts, lengths, strict=True)], device=device)
@@ -284,8 +302,26 @@ def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, 
     return logits[:n], logits[n:]
 
 
-def _equal_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
-    """(first index, count, length) of each run of consecutive equal lengths."""
+def _attend_rest(cache: KVCache, layer: int, q, k, v, source: int, slot: int, offset: int,
+                 sliding_window: int | None, scale: float) -> torch.Tensor:
+    """The rest of a prompt (q, k, v [1, heads, m, head_dim] at positions offset..) over the source
+    slot's first `offset` cache positions and itself, causally; its k, v go to its own slot."""
+    m = q.shape[2]
+    cache.write_at(layer, slot, offset, k[0], v[0])
+    keys, values = cache.layer(layer)
+    # The cache may be wider than the model (fp32 on CPU); the prefix was written from q's dtype.
+    keys = torch.cat([keys[source, :, :offset].to(q.dtype), k[0]], dim=1)[None]
+    values = torch.cat([values[source, :, :offset].to(q.dtype), v[0]], dim=1)[None]
+    i = torch.arange(offset, offset + m, device=q.device)[:, None]
+    j = torch.arange(offset + m, device=q.device)[None, :]
+    mask = j <= i
+    if sliding_window:
+        mask &= j > i - sliding_window
+    return _sdpa(q, keys, values, mask, scale)
+
+
+def _equal_runs(lengths: list) -> list[tuple[int, int, object]]:
+    """(first index, count, value) of each run of consecutive equal values."""
     runs, first = [], 0
     for m, group in itertools.groupby(lengths):
         count = len(list(group))

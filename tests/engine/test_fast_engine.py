@@ -6,6 +6,8 @@ run from 1 to 16, and counts below the number of rows make finished slots refill
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from pipeline import devices
 from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.data.media import decode_media
 from pipeline.engine import decode_graphs, make_engine
-from pipeline.engine.base import Request
+from pipeline.engine.base import Request, Shared
 from pipeline.engine.fast import FastEngine
 from pipeline.engine.hf import HFEngine
 from pipeline.model import decoder, loader, packed_linear
@@ -103,6 +105,48 @@ def test_token_exact_against_generate(family, slots, refill_at, loaded, plain_mo
         assert engine.stats["steps"] < sum(r.n_output_tokens for r in results)
     if 1 < slots < len(reqs):  # one slot: nothing decodes while a refill prefills
         assert engine.stats["mixed_s"] > 0, "refills must have ridden in decode steps"
+
+
+def shared_requests(info, processor, tmp_path, n_images: int, n_videos: int = 0) -> list[Request]:
+    """Every media with three prompts (TEXTS[:3]), marked as sharing it, in the order a shard sends them."""
+    out = []
+    for base in make_requests(info, processor, tmp_path, n_images=n_images, n_videos=n_videos):
+        media = {"image": base.image, "frames": base.frames}
+        for j, text in enumerate(TEXTS[:3]):
+            prompt = loader.build_prompt(processor, info, text, base.kind)
+            out.append(Request(base.row_index * 10 + j, prompt, base.kind, **media,
+                               shared=Shared(base.row_index, 3)))
+    return out
+
+
+@pytest.mark.parametrize("family,slots", [("llava", 4), ("llava", 16), ("llava_next", 5), ("llava_next_video", 7)])
+def test_prompts_of_one_media_share_one_vision_pass_and_their_prefix(family, slots, loaded, plain_model, tmp_path):
+    """Three prompts per media: the vision tower sees each media once, their common prefix (system
+    text and media tokens) is prefilled once, and every caption is still transformers' own. With
+    few slots groups are split across refills and ride in decode steps."""
+    info, processor, model = loaded(family)
+    reqs = shared_requests(info, processor, tmp_path, n_images=5, n_videos=2 if family == "llava_next_video" else 0)
+    seen = []
+    hook = model.model.vision_tower.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        engine = FastEngine(model, processor, GenerationConfig(max_batch_size=slots, max_output_length=MAX_NEW), CPU)
+        results = engine.generate(reqs)
+        alone = FastEngine(model, processor, GenerationConfig(max_batch_size=slots, max_output_length=MAX_NEW), CPU)
+        seen_shared, seen[:] = sum(seen), []
+        singles = alone.generate([replace(r, shared=None) for r in reqs[::3]])
+    finally:
+        hook.remove()
+    assert seen_shared == sum(seen), "the vision tower must see each media once"
+    assert engine.stats["media_encoded"] == len(reqs) // 3  # groups are never split with >= 3 slots
+    assert engine.stats["shared_prefix_tokens"] > 0
+    total = sum(r.n_prompt_tokens for r in results)
+    assert engine.stats["prefill_tokens"] + engine.stats["shared_prefix_tokens"] == total
+    assert [r.caption for r in results[::3]] == [r.caption for r in singles]
+    for req, res in zip(reqs, results, strict=True):
+        caption, n_out = oracle(plain_model(family), processor, req)
+        assert res.error is None
+        assert (res.caption, res.n_output_tokens) == (caption, n_out), f"request {req.row_index} ({req.kind})"
+    assert len({r.caption for r in results}) > len(reqs) // 3, "prompts of one media must differ in caption"
 
 
 def test_a_failing_mixed_step_falls_back_to_separate_prefill_and_decode(loaded, tmp_path, monkeypatch):

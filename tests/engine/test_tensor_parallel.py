@@ -51,6 +51,25 @@ def test_captions_at_world_size_n_equal_world_size_1(tiny_model, tmp_path, famil
 
 
 @pytest.mark.slow
+def test_several_prompts_per_media_share_their_prefix_on_every_rank(tiny_model, tmp_path):
+    """The rest of a prompt over its source's prefix, and the prefix copy, run on every rank: first
+    in a prefill with nothing decoding, then riding in decode steps."""
+    manifest = media(tmp_path, videos=False)
+    prompts = {"a": "caption", "b": "What is in the picture?", "c": "Describe this image in one sentence."}
+
+    def run_prompts(out: Path, **run_keys) -> list[tuple]:
+        sections = job_sections(tiny_model("llava"), manifest, out, generation={"max_batch_size": 4, "prompts": prompts},
+                                run={"progress": False, **run_keys})
+        assert main(["run", str(write_job(out.with_suffix(".toml"), sections))]) == 0
+        rows = ds.dataset(out / "captions").to_table().to_pylist()
+        return sorted((r["row_index"], r["prompt_name"], r["status"], r["caption"]) for r in rows)
+
+    alone = run_prompts(tmp_path / "ws1")
+    assert len(alone) == 3 * len(SIZES)
+    assert run_prompts(tmp_path / "ws2", tensor_parallel=2) == alone
+
+
+@pytest.mark.slow
 def test_two_groups_of_two_on_four_cpu_devices_equal_one_worker(tiny_model, tmp_path):
     manifest = media(tmp_path, videos=False)
     alone = run(tiny_model("llava"), manifest, tmp_path / "one")

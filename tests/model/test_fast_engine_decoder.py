@@ -128,6 +128,42 @@ def test_decode_with_prompts_riding_along_matches_separate_passes(name, kernels)
         torch.testing.assert_close(mixed.data[:, :, slot, :, :n], apart.data[:, :, slot, :, :n])
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("decoding", [True, False], ids=["with-decode-rows", "prompts-only"])
+@torch.inference_mode()
+def test_rest_of_a_prompt_over_a_shared_prefix_equals_the_whole_prompt(name, decoding, kernels):
+    """Prompts of one media share their first tokens: the rest of a prompt run over the source slot's
+    prefix (in the same call as the source, or after it), then the prefix copied over, gives the
+    logits and cache of prefilling the whole prompt."""
+    model = build(CONFIGS[name])
+    lm = decoder.language_model(model)
+    torch.manual_seed(2)
+    hidden = TEXT["hidden_size"]
+    a = torch.randn(12, hidden)
+    b = torch.cat([a[:8], torch.randn(5, hidden)])  # shares 8 tokens with a (past mistral's window of 6)
+    c = torch.cat([a[:8], torch.randn(3, hidden)])
+    ref = KVCache.allocate(len(lm.layers), 6, lm.kv_heads, 48, lm.head_dim, torch.float32, torch.device("cpu"))
+    ref.data.normal_()
+    cache = KVCache(ref.data.clone())
+    whole = [decoder.prefill(lm, ref, p[None], torch.tensor([len(p)]), torch.tensor([s]))[0]
+             for p, s in ((a, 1), (b, 4), (c, 5))]
+    tokens = torch.randint(0, TEXT["vocab_size"], (3,) if decoding else (0,))
+    positions = torch.tensor([9, 0, 14])[:len(tokens)]
+    window = window_for(14, 48)
+    _, first = decoder.decode_and_prefill(lm, cache, tokens, positions, window, [a, b[8:], c[8:]],
+                                          torch.tensor([1, 4, 5]), prefixes=[(-1, 0), (1, 8), (1, 8)])
+    cache.move(1, 4, 8)
+    cache.move(1, 5, 8)
+    for got, want in zip(first, whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for slot, n in ((1, 12), (4, 13), (5, 11)):
+        torch.testing.assert_close(cache.data[:, :, slot, :, :n], ref.data[:, :, slot, :, :n], rtol=1e-5, atol=1e-5)
+    # the source already in the cache, from an earlier step (the decode rows above wrote inside its prefix)
+    _, later = decoder.decode_and_prefill(lm, cache, tokens[:0], positions[:0], window, [c[8:]],
+                                          torch.tensor([3]), prefixes=[(4, 8)])
+    torch.testing.assert_close(later[0], whole[2], rtol=1e-4, atol=1e-4)
+
+
 def test_other_text_models_are_refused():
     from transformers import Qwen2Config
 
