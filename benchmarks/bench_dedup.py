@@ -58,6 +58,7 @@ def run(work: Path, model: Path, manifest: Path, dedup: bool, rows: int) -> tupl
                    key=lambda r: r["row_index"])
     return {"dedup": dedup, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 2),
             "engine_wall_s": stats.get("engine", {}).get("wall_s"), "reused_rows": stats.get("dedup_reused_rows", 0),
+            "skipped_decodes": stats.get("dedup_skipped_decodes", 0),
             "prefill_tokens": stats.get("engine", {}).get("prefill_tokens")}, table
 
 

@@ -167,6 +167,8 @@ class Item:
     media: object = None
     error: str | None = None
     sha: str | None = None  # of the media bytes (generation.dedup)
+    hint: str | None = None  # the kind column's value
+    skipped: bool = False  # not decoded: a lower row of the shard has these bytes (generation.dedup)
 
 
 def _chunk_tables(ctx: JobContext, chunks: list[Chunk]) -> Iterator[tuple[Chunk, pa.Table, dict[int, str]]]:
@@ -189,17 +191,22 @@ def _items(ctx: JobContext, tables: Iterable[tuple[Chunk, pa.Table, dict[int, st
             yield Item(chunk, pos, row, error=bad.get(pos))
 
 
-def _decode(ctx: JobContext, item: Item) -> Item:
+def _decode(ctx: JobContext, item: Item, reuse: Reuse | None = None) -> Item:
+    """Read and decode the row's media; with `reuse` (generation.dedup) hash it first, and skip the
+    decode when a lower row of the shard has the same bytes and the rows' prompts are the job's."""
     cfg = ctx.cfg
-    hint = item.row.get(cfg.input.kind_column) if cfg.input.kind_column else None
+    item.hint = hint = item.row.get(cfg.input.kind_column) if cfg.input.kind_column else None
     try:
         if item.error is None:  # a row already refused (its input columns) is not opened
             with ctx.source.open(item.row) as f:
-                if cfg.generation.dedup:
+                if reuse is not None:
                     item.sha = content_hash(f)
-                item.media = decode_media(f, video_frames=cfg.generation.video_frames,
-                                          max_image_pixels=cfg.input.max_image_pixels, kind_hint=hint,
-                                          video_fps=cfg.generation.video_fps)
+                    item.skipped = not cfg.input.prompt_column and reuse.hashed_before((item.sha, hint),
+                                                                                       item.chunk.start + item.pos)
+                if not item.skipped:
+                    item.media = decode_media(f, video_frames=cfg.generation.video_frames,
+                                              max_image_pixels=cfg.input.max_image_pixels, kind_hint=hint,
+                                              video_fps=cfg.generation.video_fps)
     except (SourceError, MediaError) as e:
         item.error = str(e)
     except Exception as e:  # noqa: BLE001 - one odd file must not stop the job
@@ -215,7 +222,9 @@ def _decode_failed(item: Item, e: BaseException) -> Item:
 
 def _decode_timed_out(seconds: float) -> Callable[[Item], Item]:
     def timed_out(item: Item) -> Item:  # the stuck thread still holds `item`: a fresh one is the result
-        return Item(item.chunk, item.pos, {}, error=f"read/decode timed out after {seconds:g} s")
+        # The hash, once taken, stays: a duplicate that skipped its decode waits for this row's outcome.
+        return Item(item.chunk, item.pos, {}, error=f"read/decode timed out after {seconds:g} s", sha=item.sha,
+                    hint=item.hint)
     return timed_out
 
 
@@ -242,14 +251,15 @@ class _ChunkWriter:
         self.missing[k] = sum(map(len, asked))
         self.started[k] = time.perf_counter()
 
-    def put(self, item: Item, which: int, result: Result, prompt: str | None) -> None:
+    def put(self, item: Item, which: int, result: Result, prompt: str | None, media=None) -> None:
+        """`media`: what the result was made from (a deduplicated row's is its first row's)."""
         k = item.chunk.index
         if self.results[k][item.pos][which] is None:
             self.missing[k] -= 1
         self.results[k][item.pos][which] = result
         self.prompts[k][item.pos][which] = prompt
-        if item.media is not None and item.media.kind == "video":
-            self.media[k][item.pos] = (int(item.media.frames.shape[0]), item.media.frame_times)
+        if media is not None and media.kind == "video":
+            self.media[k][item.pos] = (int(media.frames.shape[0]), media.frame_times)
 
     def complete(self, chunk: Chunk) -> bool:
         return self.missing[chunk.index] == 0
@@ -352,7 +362,7 @@ def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, lis
     engine_before = dict(ctx.engine.stats)
     reuse = Reuse() if cfg.generation.dedup else None
     started = time.perf_counter()
-    pool = DeadlinePool(lambda it: _decode(ctx, it), cfg.run.decode_workers, cfg.run.decode_timeout_s,
+    pool = DeadlinePool(lambda it: _decode(ctx, it, reuse), cfg.run.decode_workers, cfg.run.decode_timeout_s,
                         failed=_decode_failed, timed_out=_decode_timed_out(cfg.run.decode_timeout_s))
     try:
         items = _items(ctx, _chunk_tables(ctx, todo), remember)
@@ -364,7 +374,8 @@ def process_shard(ctx: JobContext, shard: Shard, on_commit: Callable[[Chunk, lis
         stats["engine"] = _engine_stats(ctx.engine.stats, engine_before, time.perf_counter() - started)
     stats["cache_plan"] = ctx.plan.describe()
     if reuse is not None:
-        stats["dedup_reused_rows"] = reuse.reused  # this run's: rows answered without the engine
+        stats["dedup_reused_rows"] = reuse.reused  # this run's: results answered without the engine
+        stats["dedup_skipped_decodes"] = reuse.skipped
     ctx.out.commit_shard(shard.index, stats)
     return stats
 
@@ -374,58 +385,59 @@ def _caption(ctx: JobContext, decoded: Iterable[Item], texts: dict, writer: _Chu
     """Rows flow through the engine's stream, one request per (row, prompt), and come back in any
     order of completion; a chunk commits once every one of its rows has all its results, so chunk
     boundaries (and exactly-once) hold. The prompts of one row share its media (Request.shared).
-    With `reuse` (generation.dedup) a request whose media and prompt an earlier row of the shard had
-    skips the engine and takes that row's result.
+    With `reuse` (generation.dedup) a (row, prompt) whose media bytes and prompt an earlier row of
+    the shard had takes that row's outcome, its caption or its error.
 
     The fast engine pulls `requests()` on its own feeder thread, hence the lock around the writer.
     """
     lock = threading.Lock()
-    pending: dict[int, tuple[Item, int]] = {}
-    keys: dict[int, tuple] = {}
+    pending: dict[int, tuple[Item, int, tuple | None]] = {}
 
-    def done(item: Item, which: int, result: Result, prompt: str | None) -> None:
+    def done(item: Item, which: int, result: Result, prompt: str | None, media) -> None:
         with lock:
-            writer.put(item, which, result, prompt)
+            writer.put(item, which, result, prompt, media)
             if writer.complete(item.chunk):
                 writer.commit(item.chunk)
 
-    def duplicate(item: Item, which: int, req: Request) -> bool:
-        """Whether the request is a duplicate (then answered now, or once its first row's is)."""
-        if reuse is None or item.sha is None:
-            return False
-        key = (item.sha, req.prompt)
+    def finish(key: tuple | None, item: Item, which: int, result: Result, prompt: str | None) -> None:
+        done(item, which, result, prompt, item.media)
+        if key is not None:
+            with lock:
+                waiting = reuse.finished(key, (result, prompt, item.media))
+            for other, other_which, first in waiting:
+                done(other, other_which, replace(result, dedup_of=first), prompt, item.media)
+
+    def reused(key: tuple, item: Item, which: int) -> bool:
+        """Whether an earlier row has the key (its outcome taken now, or once it is in)."""
         with lock:
-            first = reuse.first_row(key, req.row_index)
-            ready = None if first is None else reuse.wait(key, (item, which, first, req.prompt))
-        if first is None:
-            keys[id(req)] = key
-            return False
+            first = reuse.first_row(key, item.chunk.start + item.pos)
+            ready = None if first is None else reuse.wait(key, (item, which, first))
         if ready is not None:
-            done(item, which, replace(ready, dedup_of=first), req.prompt)
-        return True
+            result, prompt, media = ready
+            done(item, which, replace(result, dedup_of=first), prompt, media)
+        return first is not None
 
     def requests() -> Iterator[Request]:
         for item in decoded:
             asked = texts[item.chunk.index][item.pos]
             shared = Shared((item.chunk.index, item.pos), len(asked)) if len(asked) > 1 else None
             for which, (_, text) in enumerate(asked):
-                req, error = _checked_request(ctx, item, text, shared)
+                key = (item.sha, item.hint, text) if reuse is not None and item.sha is not None else None
+                if key is not None and reused(key, item, which):
+                    continue
+                if item.skipped:  # no earlier row answers it after all: decode it here
+                    item.skipped = False
+                    _decode(ctx, item)
+                req, error = (None, item.error) if item.error else _checked_request(ctx, item, text, shared)
                 if req is None:
-                    done(item, which, Result(error=error), None)
+                    finish(key, item, which, Result(error=error), None)
                     continue
-                if duplicate(item, which, req):
-                    continue
-                pending[id(req)] = (item, which)
+                pending[id(req)] = (item, which, key)
                 yield req
 
     for req, result in ctx.engine.generate_stream(requests()):
-        item, which = pending.pop(id(req))
-        done(item, which, result, req.prompt)
-        if (key := keys.pop(id(req), None)) is not None:
-            with lock:
-                waiting = reuse.finished(key, result)
-            for other, other_which, first, prompt in waiting:
-                done(other, other_which, replace(result, dedup_of=first), prompt)
+        item, which, key = pending.pop(id(req))
+        finish(key, item, which, result, req.prompt)
 
 
 def _checked_request(ctx: JobContext, item: Item, text: str, shared: Shared | None

@@ -12,7 +12,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from pipeline.cli import main
-from pipeline.testing.demo import write_image
+from pipeline.testing.demo import write_image, write_video
 from pipeline.testing.jobs import job_sections, write_job, write_manifest
 
 ROWS_PER_SHARD = 8
@@ -63,6 +63,23 @@ def test_duplicates_reuse_the_first_rows_caption(tiny_model, tmp_path, devices):
         assert b["dedup_of"] == reuse.get(b["row_index"]) and a["dedup_of"] is None
     stats = [json.loads(p.read_text()) for p in (tmp_path / "dedup" / "_stats").glob("shard-*.json")]
     assert sum(s["dedup_reused_rows"] for s in stats) == len(reuse)
+    # not decoded either, unless a decode thread hashed the copy before its first row
+    assert 0 < sum(s["dedup_skipped_decodes"] for s in stats) <= len(reuse)
+
+
+def test_a_duplicate_video_is_not_decoded_and_keeps_its_frames(tiny_model, tmp_path):
+    first = write_video(tmp_path / "media" / "a.mp4", n_frames=9, seed=1)
+    shutil.copy(first, tmp_path / "media" / "copy.mp4")
+    other = write_image(tmp_path / "media" / "b.png", seed=2, size=(40, 36))
+    manifest = write_manifest(tmp_path / "m.parquet", {"path": [str(first), str(other), str(tmp_path / "media" / "copy.mp4")]})
+    sections = job_sections(tiny_model("llava_next_video"), manifest, tmp_path / "out", generation={"dedup": True},
+                            run={"decode_workers": 1})  # one thread: hashes in row order
+    assert main(["run", str(write_job(tmp_path / "job.toml", sections))]) == 0
+    rows = sorted(ds.dataset(tmp_path / "out" / "captions").to_table().to_pylist(), key=lambda r: r["row_index"])
+    assert rows[2]["dedup_of"] == 0 and rows[2]["caption"] == rows[0]["caption"]
+    assert (rows[2]["frames"], rows[2]["frame_times"]) == (rows[0]["frames"], rows[0]["frame_times"]) != (None, None)
+    stats = json.loads(next((tmp_path / "out" / "_stats").glob("shard-*.json")).read_text())
+    assert stats["dedup_skipped_decodes"] == 1
 
 
 def test_dedup_with_sampling_is_refused(tiny_model, tmp_path, capsys):

@@ -122,22 +122,23 @@ def test_dedup_and_bad_rows_with_several_prompts(tiny_model, tmp_path):
     model = tiny_model("llava")
     good = [str(write_image(tmp_path / "media" / f"{i}.png", seed=i, size=(80, 64))) for i in range(3)]
     (tmp_path / "media" / "bad.png").write_bytes(b"not an image")
-    paths = good + [good[0], str(tmp_path / "media" / "bad.png"), good[1]]
+    paths = good + [good[0], str(tmp_path / "media" / "bad.png"), good[1], str(tmp_path / "media" / "bad.png")]
     manifest = write_manifest(tmp_path / "m.parquet", {"path": paths})
     job = write_job(tmp_path / "d.toml", job_sections(model, manifest, tmp_path / "d",
                                                       generation={"prompts": PROMPTS, "dedup": True},
                                                       output={"rows_per_shard": 8, "chunk_rows": 8}))
     summary = run_job(load_job(job))
-    assert (summary.ok, summary.errors) == (15, 3)
+    assert (summary.ok, summary.errors) == (15, 6)
     got = rows_of(tmp_path / "d")
     by = {(r["row_index"], r["prompt_name"]): r for r in got}
     for name in PROMPTS:
         assert by[(3, name)]["dedup_of"] == 0 and by[(3, name)]["caption"] == by[(0, name)]["caption"]
         assert by[(5, name)]["dedup_of"] == 1
         assert by[(4, name)]["status"] == "error" and by[(4, name)]["prompt_name"] == name
+        assert by[(6, name)]["error"] == by[(4, name)]["error"] and by[(6, name)]["dedup_of"] == 4
     status = run_cli("status", str(tmp_path / "d"))
     assert status.wait(timeout=120) == 0
-    assert "6/6 rows done (15 ok, 3 errors)" in status.stdout.read()
+    assert "7/7 rows done (15 ok, 6 errors)" in status.stdout.read()
 
 
 @pytest.mark.slow
