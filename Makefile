@@ -28,7 +28,7 @@ PYTHON_LOWEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python
 LOWEST ?= .venv-lowest
 COMPAT_TESTS := tests/engine tests/model/test_fast_engine_decoder.py \
 	tests/model/test_fused_linear.py tests/test_devices.py tests/kernels \
-	tests/e2e/test_job_errors.py tests/data tests/e2e/test_resume.py
+	tests/e2e/test_job_errors.py tests/data tests/e2e/test_resume.py tests/e2e/test_multi_prompt.py
 
 $(LOWEST)/.installed: pyproject.toml constraints-lowest.txt
 	@test -n "$(PYTHON_LOWEST)" || { echo "make compat: no Python 3.10 found; set PYTHON_LOWEST=/path/to/python3.10" >&2; exit 2; }

@@ -72,6 +72,19 @@ def test_tar_shards_caption_like_a_parquet_manifest_of_the_same_bytes(tiny_model
         assert (rows[key]["caption"], rows[key]["frames"]) == (expected[key]["caption"], expected[key]["frames"])
 
 
+def test_tar_samples_take_several_prompts(tiny_model, tmp_path):
+    """generation.prompts works on tars as on Parquet: a row per (sample, prompt), row errors per prompt."""
+    shards(tmp_path)
+    prompts = {"a": "caption", "b": "What is in the picture?"}
+    job = write_job(tmp_path / "wds.toml", job_sections(tiny_model("llava_next_video"), tmp_path, tmp_path / "wds",
+                                                        input={"format": "webdataset"}, generation={"prompts": prompts}))
+    assert main(["run", str(job)]) == 0
+    rows = ds.dataset(tmp_path / "wds" / "captions").to_table().to_pylist()
+    assert sorted((r["__key__"], r["prompt_name"]) for r in rows) == [
+        (k, p) for k in ["clip", "orphan", "s00", "s01", "s02", "s03", "s04"] for p in "ab"]
+    assert {r["status"] for r in rows if r["__key__"] in ("orphan", "s04")} == {"error"}
+
+
 def test_the_plan_follows_tar_order_and_a_cut_header_ends_a_tar(tmp_path):
     import pyarrow.fs as pafs
 

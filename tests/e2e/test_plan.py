@@ -25,6 +25,7 @@ def test_plan_then_run_then_plan(tiny_model, tmp_path, capsys):
     assert main(["plan", str(job), "--json", "--calibrate", "4"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["rows"], report["shards"], report["chunks"], report["rows_done"]) == (10, 2, 3, 0)
+    assert report["prompts_per_row"] == 1
     assert report["cache_plan"]["slots"] == 4 and report["cache_plan"]["prompt_length"] > 0
     cal = report["calibration"]
     assert cal["rows"] == 4 and cal["ok"] == 4 and cal["estimated_output_tokens"] > 0 and cal["estimated_wall_s"] > 0
@@ -34,6 +35,10 @@ def test_plan_then_run_then_plan(tiny_model, tmp_path, capsys):
     assert main(["plan", str(job)]) == 0
     text = capsys.readouterr().out
     assert "10 rows in 2 shards of 3 chunks; 10 done, 0 left" in text and "cache plan on cpu: 4 slots" in text
+    prompts = write_job(tmp_path / "prompts.toml", job_sections(tiny_model("llava"), manifest, tmp_path / "p",
+                                                                generation={"prompts": {"a": "x", "b": "y", "c": "z"}}))
+    assert main(["plan", str(prompts)]) == 0
+    assert "prompts a row: 3" in capsys.readouterr().out
 
 
 @pytest.mark.slow
