@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
+from pipeline.data.filesystems import from_uri
 from pipeline.data.shards import Chunk, Shard, plan_shards  # noqa: F401 - Chunk re-exported
 from pipeline.data.sources import check_media_root
 from pipeline.errors import ConfigError
@@ -152,7 +153,7 @@ def _row_groups_covering(meta: pq.FileMetaData, lo: int, hi: int) -> tuple[list[
 
 def _list_paths(spec: str, suffix: str = ".parquet") -> tuple[pafs.FileSystem, list[str]]:
     if "://" in spec:
-        fs, root = pafs.FileSystem.from_uri(spec)
+        fs, root = from_uri(spec)
     else:
         fs, root = pafs.LocalFileSystem(), spec
     if any(c in root for c in "*?["):

@@ -16,6 +16,7 @@ from typing import BinaryIO
 import pyarrow.fs as pafs
 
 from pipeline.config import InputConfig
+from pipeline.data.filesystems import from_uri
 from pipeline.errors import ConfigError
 
 # A FIFO swapped in between the stat and the open must not block the open (POSIX only; reads of
@@ -132,7 +133,7 @@ def _require_regular(mode: int, shown: str) -> None:
 def _fs_and_path(location: str) -> tuple[pafs.FileSystem, str]:
     if "://" in location:
         try:
-            return pafs.FileSystem.from_uri(location)
+            return from_uri(location)
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad URIs
             raise SourceError(f"unsupported URI: {location}: {e}") from None
     return pafs.LocalFileSystem(), location

@@ -85,6 +85,36 @@ def test_prompt_kind_columns_uri_paths_and_passthrough(tiny_model, tmp_path):
     assert "Default prompt." in rows[1]["prompt"] and "What colour" in rows[2]["prompt"]
 
 
+def test_a_manifest_and_media_behind_an_fsspec_uri(tiny_model, tmp_path):
+    """A scheme pyarrow has no filesystem for goes through fsspec's (its in-memory one here): the
+    manifest is listed and read there, and so are the media its paths name."""
+    import io
+
+    import fsspec
+    import pyarrow.parquet as pq
+
+    memory, root = fsspec.filesystem("memory"), f"/inputs-{id(tmp_path)}"
+    paths = [write_image(tmp_path / f"{i}.png", seed=60 + i) for i in range(3)]
+    for p in paths:
+        memory.pipe(f"{root}/media/{p.name}", p.read_bytes())
+    uris = [f"memory://{root}/media/{p.name}" for p in paths] + [f"memory://{root}/media/missing.png"]
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"path": uris}), buffer)
+    memory.pipe(f"{root}/manifest/part-0.parquet", buffer.getvalue())
+    local = write_manifest(tmp_path / "m.parquet", {"path": [str(p) for p in paths]})
+    try:
+        job = write_job(tmp_path / "remote.toml", job_sections(tiny_model("llava"), f"memory://{root}/manifest",
+                                                               tmp_path / "remote"))
+        assert main(["run", str(job)]) == 0
+    finally:
+        memory.rm(root, recursive=True)
+    assert main(["run", str(write_job(tmp_path / "local.toml", job_sections(tiny_model("llava"), local,
+                                                                            tmp_path / "local")))]) == 0
+    got, expected = read_out(tmp_path / "remote"), read_out(tmp_path / "local")
+    assert [r["caption"] for r in got[:3]] == [r["caption"] for r in expected]
+    assert got[3]["status"] == "error" and got[3]["error"].startswith("missing file")
+
+
 def test_processor_without_chat_template_uses_the_family_format(tiny_model, tmp_path):
     image = write_image(tmp_path / "a.png", seed=3)
     manifest = write_manifest(tmp_path / "m.parquet", {"path": [str(image)]})

@@ -85,6 +85,36 @@ def test_tar_samples_take_several_prompts(tiny_model, tmp_path):
     assert {r["status"] for r in rows if r["__key__"] in ("orphan", "s04")} == {"error"}
 
 
+def test_tars_behind_an_fsspec_uri_caption_as_local_ones(tiny_model, tmp_path):
+    """A filesystem pyarrow has no driver for (fsspec's in-memory one, standing in for any remote
+    fsspec scheme): the tars are listed, scanned and read at offsets through it."""
+    import fsspec
+
+    tars, _ = shards(tmp_path)
+    memory = fsspec.filesystem("memory")
+    for tar in tars:
+        memory.pipe(f"/wds-{id(tmp_path)}/{tar.name}", tar.read_bytes())
+    model = tiny_model("llava_next_video")
+    local = write_job(tmp_path / "local.toml", job_sections(model, tmp_path, tmp_path / "local",
+                                                            input={"format": "webdataset"}))
+    remote = write_job(tmp_path / "remote.toml", job_sections(model, f"memory://wds-{id(tmp_path)}", tmp_path / "remote",
+                                                              input={"format": "webdataset"}))
+    try:
+        assert main(["run", str(local)]) == 0 and main(["run", str(remote)]) == 0
+    finally:
+        memory.rm(f"/wds-{id(tmp_path)}", recursive=True)
+
+    def rows(out):  # the tar's path in __url__ and in error texts differs
+        table = ds.dataset(out / "captions").to_table().drop_columns(["__url__"]).to_pylist()
+        for row in table:
+            row["error"] = row["error"] and row["error"].split(":")[0]
+        return sorted(table, key=lambda r: r["row_index"])
+
+    got, expected = rows(tmp_path / "remote"), rows(tmp_path / "local")
+    assert len(got) == 7 and got == expected
+    assert sum(r["status"] == "ok" for r in got) == 5
+
+
 def test_the_plan_follows_tar_order_and_a_cut_header_ends_a_tar(tmp_path):
     import pyarrow.fs as pafs
 
