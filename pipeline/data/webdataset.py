@@ -9,9 +9,9 @@ bytes column; `.txt` and `.json` members pass through as the `txt` and `json` co
 Python's tarfile over pyarrow.fs files, not the webdataset library: the pipeline needs random access
 (a shard, or the chunk a resume starts at, is a row range in the middle of a tar) and webdataset
 streams sequentially. Planning reads only the 512-byte member headers, seeking over the data, on any
-filesystem pyarrow reaches (local, S3, GCS, HDFS). A tar cut short ends its samples where its
-headers end; a member whose data is cut, or a sample without a media member, is a row error
-(`__error__`), never a crash.
+filesystem pyarrow reaches (local, S3, GCS, HDFS) or fsspec does (data/filesystems.py). A tar cut
+short ends its samples where its headers end; a member whose data is cut, or a sample without a
+media member, is a row error (`__error__`), never a crash.
 """
 
 from __future__ import annotations
