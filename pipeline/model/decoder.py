@@ -271,10 +271,8 @@ def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, 
                                                                                                strict=True))])
     step_attend = _step_attention(lm, cache, positions, window, host_lengths) if n else None
     prompt_masks = {m: prefill_mask(m, lm.sliding_window, device) for m in set(lengths)}
-    # Consecutive whole prompts of one length share an attention call; each rest is a call of its own.
-    runs = _equal_runs([(m, 0) if not off else (m, -r - 1) for r, (m, off) in enumerate(zip(lengths, offsets,
-                                                                                             strict=True))])
-    slot_list = slots.tolist() if any(offsets) else None
+    runs = _attention_calls(lengths, offsets)
+    own_slots = slots.tolist() if any(offsets) else None
 
     def attend(i, q, k, v, rope):  # q, k, v [tokens, 1, heads, head_dim]
         scale = lm.layers[i].layer.self_attn.scaling
@@ -282,12 +280,11 @@ def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, 
         out = [step_attend(i, q[:n], k[:n], v[:n], (rope[0][:n], rope[1][:n]))] if n else []
         q, k, v = _rotated(lm, q[n:], k[n:], v[n:], (rope[0][n:], rope[1][n:]))  # [tokens - n, heads, 1, head_dim]
         pieces = {}
-        # Whole prompts first, every layer: a rest's source may be one of them.
-        for first, count, (m, _) in sorted(runs, key=lambda run: offsets[run[0]] > 0):
+        for first, count, m in runs:
             start = starts[first] - n
             qr, kr, vr = (t[start:start + count * m].reshape(count, m, t.shape[1], -1).transpose(1, 2) for t in (q, k, v))
             if offsets[first]:
-                att = _attend_rest(cache, i, qr, kr, vr, prefixes[first][0], slot_list[first], offsets[first],
+                att = _attend_rest(cache, i, qr, kr, vr, prefixes[first][0], own_slots[first], offsets[first],
                                    lm.sliding_window, scale)
             else:
                 cache.write_prefill(i, slots[first:first + count], kr, vr)
@@ -300,6 +297,15 @@ def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, 
     last = torch.tensor([s + m - 1 for s, m in zip(starts, lengths, strict=True)], device=device)
     logits = lm.lm_head(lm.norm(torch.cat([x[:n], x[last]])))
     return logits[:n], logits[n:]
+
+
+def _attention_calls(lengths: list[int], offsets: list[int]) -> list[tuple[int, int, int]]:
+    """(first prompt, count, length) of each attention call a layer makes for the prompts: a run of
+    consecutive whole prompts of one length in one call, each rest in its own; whole prompts first,
+    since a rest's source may be one of them."""
+    keys = [(m, 0) if not off else (m, -r - 1) for r, (m, off) in enumerate(zip(lengths, offsets, strict=True))]
+    runs = [(first, count, key[0]) for first, count, key in _equal_runs(keys)]
+    return sorted(runs, key=lambda run: offsets[run[0]] > 0)
 
 
 def _attend_rest(cache: KVCache, layer: int, q, k, v, source: int, slot: int, offset: int,
