@@ -211,7 +211,8 @@ def _decode(ctx: JobContext, item: Item, reuse: Reuse | None = None) -> Item:
         item.error = str(e)
     except Exception as e:  # noqa: BLE001 - one odd file must not stop the job
         item.error = f"decode error: {type(e).__name__}: {e}"
-    item.row = {}  # the chunk table keeps the input columns; drop the bytes early
+    if not item.skipped:  # a skipped row keeps its source, in case it must be decoded after all
+        item.row = {}  # the chunk table keeps the input columns; drop the bytes early
     return item
 
 

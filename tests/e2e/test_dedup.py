@@ -88,3 +88,16 @@ def test_dedup_with_sampling_is_refused(tiny_model, tmp_path, capsys):
                             generation={"dedup": True, "do_sample": True})
     assert main(["run", str(write_job(tmp_path / "job.toml", sections))]) == 2
     assert "generation.dedup needs greedy decoding" in capsys.readouterr().err
+
+
+def test_a_row_that_skipped_its_decode_without_a_twin_to_answer_it_is_decoded_after_all(tiny_model, tmp_path,
+                                                                                      monkeypatch):
+    """The twin's hash can be lost (its read timed out between hashing and registering): the row
+    then decodes when its turn comes, and nothing changes in the output."""
+    from pipeline.data.dedup import Reuse
+
+    manifest, _ = manifest_with_duplicates(tmp_path)
+    plain = run(tiny_model("llava"), manifest, tmp_path / "plain")
+    monkeypatch.setattr(Reuse, "hashed_before", lambda self, media, row: True)  # every row skips
+    deduped = run(tiny_model("llava"), manifest, tmp_path / "dedup", dedup=True)
+    assert [(r["caption"], r["status"]) for r in deduped] == [(r["caption"], r["status"]) for r in plain]

@@ -149,10 +149,13 @@ def test_prompts_of_one_media_share_one_vision_pass_and_their_prefix(family, slo
     assert len({r.caption for r in results}) > len(reqs) // 3, "prompts of one media must differ in caption"
 
 
-def test_a_failing_mixed_step_falls_back_to_separate_prefill_and_decode(loaded, tmp_path, monkeypatch):
-    """The new rows then prefill on their own (row by row when they must), and nothing is lost."""
+@pytest.mark.parametrize("shared", [False, True], ids=["rows", "prompts-of-one-media"])
+def test_a_failing_mixed_step_falls_back_to_separate_prefill_and_decode(shared, loaded, tmp_path, monkeypatch):
+    """The new rows then prefill on their own (row by row when they must: a prompt apart from its
+    source then prefills whole), and nothing is lost."""
     info, processor, model = loaded("llava")
-    reqs = make_requests(info, processor, tmp_path, n_images=5)
+    reqs = (shared_requests(info, processor, tmp_path, n_images=2) if shared
+            else make_requests(info, processor, tmp_path, n_images=5))
     gen = GenerationConfig(max_batch_size=2, max_output_length=MAX_NEW)
     expected = FastEngine(model, processor, gen, CPU).generate(reqs)
 
