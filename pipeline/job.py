@@ -12,12 +12,14 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.config import JobConfig, fingerprint_view
 from pipeline.data.manifest import Manifest, open_manifest
 from pipeline.data.output import OutputDir
 from pipeline.data.schema import output_schema
 from pipeline.data.status import read_status
+from pipeline.data.webdataset import INDEX_FILE, save_index
 from pipeline.executors import make_pool, run_pool
 from pipeline.executors.shard_queue import node_share
 from pipeline.logs import PLAIN, log
@@ -63,7 +65,7 @@ def _sha(obj) -> str:
 
 
 def run_job(cfg: JobConfig) -> Summary:
-    manifest = open_manifest(cfg.input)
+    manifest = open_manifest(cfg.input, cfg.output.dir)
     out = OutputDir(cfg.output.dir)
     out.check_usable()
     out.check_compatible(job_record(cfg, manifest), cfg.output.mode)
@@ -89,6 +91,8 @@ def run_job(cfg: JobConfig) -> Summary:
         log.info(f"all {manifest.num_rows} rows{share} already done", extra=PLAIN)
         return _summary(cfg, 0, 0.0)
     record["plan"]["cache"] = cache_record(cfg, manifest, info)
+    if cfg.input.format == "webdataset" and manifest.scanned:  # before any worker opens the manifest
+        save_index(manifest, Path(cfg.output.dir) / INDEX_FILE)
     pool, owner = make_pool(cfg.run, record, workers, len(shards),
                             lambda device: open_context(cfg, manifest, out, info, record["model"], device))
     try:

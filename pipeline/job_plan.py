@@ -27,7 +27,7 @@ from pipeline.model import inspect
 
 def plan_job(cfg: JobConfig, calibrate: int = 0) -> dict:
     started = time.perf_counter()
-    manifest = open_manifest(cfg.input)
+    manifest = open_manifest(cfg.input, cfg.output.dir)
     shards = manifest.plan(cfg.output.rows_per_shard)
     done = _done(cfg)
     info = inspect.inspect_model(cfg.model)

@@ -12,6 +12,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -170,7 +171,9 @@ def _list_paths(spec: str, suffix: str = ".parquet") -> tuple[pafs.FileSystem, l
     return fs, [root]
 
 
-def open_manifest(cfg: InputConfig) -> Manifest:
+def open_manifest(cfg: InputConfig, out_dir: str | None = None) -> Manifest:
+    """The manifest `cfg` names. `out_dir`: the job's output dir, where a WebDataset job keeps the
+    index of its tars' scan (data/webdataset.py), read here when it is valid."""
     webdataset = cfg.format == "webdataset"
     fs, paths = None, []
     for spec in cfg.manifest:
@@ -182,10 +185,10 @@ def open_manifest(cfg: InputConfig) -> Manifest:
     if not paths:
         raise ConfigError(f"input.manifest: no {'tar' if webdataset else 'Parquet'} files in {cfg.manifest}")
     if webdataset:
-        from pipeline.data.webdataset import open_webdataset
+        from pipeline.data.webdataset import INDEX_FILE, open_webdataset
 
         check_media_root(cfg)
-        return open_webdataset(fs, paths)
+        return open_webdataset(fs, paths, Path(out_dir) / INDEX_FILE if out_dir else None)
     files, schema, start = [], None, 0
     for path in paths:
         try:

@@ -16,13 +16,17 @@ media member, is a row error (`__error__`), never a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipeline.data.shards import Shard, plan_shards
 from pipeline.errors import ConfigError
@@ -46,6 +50,7 @@ class TarFile:
     samples: list[Sample]
     start: int  # global index of its first sample
     note: str | None  # why its headers ended early, if they did
+    mtime_ns: int | None = None  # with size, what an index of the scan is valid for
 
     @property
     def num_rows(self) -> int:
@@ -59,10 +64,10 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower() if dot else ""
 
 
-def scan(fs: pafs.FileSystem, path: str, start: int) -> TarFile:
+def scan(fs: pafs.FileSystem, info: pafs.FileInfo, start: int) -> TarFile:
     samples: list[Sample] = []
     note = None
-    size = fs.get_file_info(path).size
+    path, size = info.path, info.size
     with fs.open_input_file(path) as f:
         try:
             with tarfile.open(fileobj=f, mode="r:") as tar:
@@ -77,7 +82,7 @@ def scan(fs: pafs.FileSystem, path: str, start: int) -> TarFile:
             if not samples:
                 raise ConfigError(f"input.manifest: {path} is not a readable tar file: {e}") from None
             note = f"{type(e).__name__}: {e}"  # a cut tar: its samples end where its headers end
-    return TarFile(path, size, samples, start, note)
+    return TarFile(path, size, samples, start, note, _mtime(info))
 
 
 class WebDatasetManifest:
@@ -87,6 +92,7 @@ class WebDatasetManifest:
 
     def __init__(self, fs: pafs.FileSystem, tars: list[TarFile]):
         self.fs, self.files = fs, tars
+        self.scanned = len(tars)  # tars whose headers were read (the others came from an index)
 
     @property
     def num_rows(self) -> int:
@@ -144,10 +150,62 @@ def _read(f, tar: TarFile, where: tuple[int, int]) -> bytes:
     return f.read(size)
 
 
-def open_webdataset(fs: pafs.FileSystem, paths: list[str]) -> WebDatasetManifest:
-    tars, start = [], 0
-    for path in paths:
-        tar = scan(fs, path, start)
+def open_webdataset(fs: pafs.FileSystem, paths: list[str], index: Path | None = None) -> WebDatasetManifest:
+    """The tars in order. With `index` (a file in the job's output dir), a tar whose size and mtime
+    match its entry there is not scanned again: the workers of a job and its reruns read the member
+    headers once, not once per process, which on object storage is a ranged read per member."""
+    known = load_index(index) if index is not None else {}
+    tars, start, scanned = [], 0, 0
+    for info in fs.get_file_info(paths):
+        cached = known.get(info.path)
+        if _unchanged(cached, info):
+            tar = dataclasses.replace(cached, start=start)
+        else:
+            tar, scanned = scan(fs, info, start), scanned + 1
         tars.append(tar)
         start += tar.num_rows
-    return WebDatasetManifest(fs, tars)
+    manifest = WebDatasetManifest(fs, tars)
+    manifest.scanned = scanned
+    return manifest
+
+
+def _unchanged(tar: TarFile | None, info: pafs.FileInfo) -> bool:
+    """Whether an indexed tar is still the file there (a filesystem without mtimes: never known)."""
+    return tar is not None and tar.mtime_ns is not None and (tar.size, tar.mtime_ns) == (info.size, _mtime(info))
+
+
+def _mtime(info: pafs.FileInfo) -> int | None:
+    return getattr(info, "mtime_ns", None)
+
+
+INDEX_FILE = "_index/webdataset.parquet"  # in the output dir
+INDEX_SCHEMA = pa.schema([
+    ("tar", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("note", pa.string()), ("key", pa.string()),
+    ("members", pa.list_(pa.struct([("ext", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]))),
+])
+
+
+def save_index(manifest: WebDatasetManifest, path: Path) -> None:
+    """One row per sample of every tar with an mtime, written whole or not at all."""
+    rows = [{"tar": t.path, "size": t.size, "mtime_ns": t.mtime_ns, "note": t.note, "key": s.key,
+             "members": [{"ext": e, "offset": o, "size": n} for e, (o, n) in s.members.items()]}
+            for t in manifest.files if t.mtime_ns is not None for s in t.samples]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), tmp)
+    os.replace(tmp, path)
+
+
+def load_index(path: Path) -> dict[str, TarFile]:
+    """The tars an index holds (start 0), by path; none when it is missing or unreadable (a cache)."""
+    try:
+        table = pq.read_table(path, schema=INDEX_SCHEMA)
+    except (OSError, pa.ArrowInvalid):
+        return {}
+    tars: dict[str, TarFile] = {}
+    for row in table.to_pylist():
+        tar = tars.get(row["tar"])
+        if tar is None:
+            tar = tars[row["tar"]] = TarFile(row["tar"], row["size"], [], 0, row["note"], row["mtime_ns"])
+        tar.samples.append(Sample(row["key"], {m["ext"]: (m["offset"], m["size"]) for m in row["members"]}))
+    return tars

@@ -61,7 +61,7 @@ class ShardWorker:
     def __init__(self, record: dict, device: str, owner: dict, ctx=None):
         if ctx is None:
             cfg = from_dict(record["config"])
-            manifest, info = open_manifest(cfg.input), inspect_model(cfg.model)
+            manifest, info = open_manifest(cfg.input, cfg.output.dir), inspect_model(cfg.model)
             ctx = open_context(cfg, manifest, OutputDir(cfg.output.dir, record["fingerprint"]), info,
                                record["model"], device)
         ctx.engine = _BeatingEngine(ctx.engine, self._progressed)

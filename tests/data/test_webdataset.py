@@ -115,6 +115,43 @@ def test_tars_behind_an_fsspec_uri_caption_as_local_ones(tiny_model, tmp_path):
     assert sum(r["status"] == "ok" for r in got) == 5
 
 
+def test_the_scan_of_the_tars_is_kept_and_reused_while_they_are_unchanged(tmp_path):
+    import os
+
+    import pyarrow.fs as pafs
+
+    from pipeline.data.webdataset import load_index, save_index
+
+    tars, _ = shards(tmp_path)
+    paths, fs, index = [str(t) for t in tars], pafs.LocalFileSystem(), tmp_path / "out" / "_index" / "w.parquet"
+    first = open_webdataset(fs, paths, index)
+    assert first.scanned == len(tars)
+    save_index(first, index)
+    again = open_webdataset(fs, paths, index)
+    assert again.scanned == 0 and again.files == first.files and again.fingerprint() == first.fingerprint()
+    assert [t.note for t in again.files] == [t.note for t in first.files] and any(t.note for t in again.files)
+    stat = os.stat(tars[0])
+    os.utime(tars[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten in place, say
+    assert open_webdataset(fs, paths, index).scanned == 1
+    index.write_bytes(b"garbage")  # a cache: unreadable means scan again
+    assert load_index(index) == {} and open_webdataset(fs, paths, index).scanned == len(tars)
+
+
+def test_workers_of_a_tar_job_caption_from_the_index_as_one_worker_does(tiny_model, tmp_path):
+    shards(tmp_path)
+    model = tiny_model("llava_next_video")
+    rows = {}
+    for name, devices in (("one", ["cpu"]), ("two", ["cpu", "cpu"])):
+        job = write_job(tmp_path / f"{name}.toml", job_sections(
+            model, tmp_path, tmp_path / name, input={"format": "webdataset"}, run={"devices": devices},
+            output={"rows_per_shard": 3, "chunk_rows": 2}))
+        assert main(["run", str(job)]) == 0
+        assert (tmp_path / name / "_index" / "webdataset.parquet").is_file()
+        table = ds.dataset(tmp_path / name / "captions").to_table(columns=["row_index", "__key__", "caption", "status"])
+        rows[name] = sorted(table.to_pylist(), key=lambda r: r["row_index"])
+    assert rows["two"] == rows["one"] and len(rows["one"]) == 7
+
+
 def test_the_plan_follows_tar_order_and_a_cut_header_ends_a_tar(tmp_path):
     import pyarrow.fs as pafs
 
