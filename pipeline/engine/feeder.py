@@ -12,6 +12,7 @@ import torch
 
 from pipeline.engine import multimodal
 from pipeline.engine.base import Result, stage_error
+from pipeline.logs import log
 
 GATHER_S = 0.1
 _END = object()
@@ -31,7 +32,7 @@ class Feeder:
         self.stop, self.read_all = threading.Event(), threading.Event()
         self.lock, self.queued = threading.Lock(), 0  # rows in the queue
         self.held: list = []  # the rest of a group too large for the last take
-        self.sharing_checked = False
+        self.sharing: bool | None = None  # whether encode_sharing gives the processor's tokens
         self.thread = threading.Thread(target=self._fill, args=(iter(tagged),), daemon=True, name="encode")
         self.thread.start()
 
@@ -68,14 +69,24 @@ class Feeder:
         return out
 
     def _share(self, req, first: multimodal.Encoded) -> multimodal.Encoded:
-        enc = multimodal.encode_sharing(self.processor, req, first)
-        if not self.sharing_checked:  # once: the shortcut must give the processor's own tokens
+        """Another prompt of `first`'s media, its preprocessing shared; checked once against the
+        processor's own output, and if they differ (a processor we do not know) every prompt is
+        preprocessed on its own from then on: slower, never wrong."""
+        if self.sharing is False:
+            return multimodal.encode(self.processor, req)
+        why = "its tokens differ from the processor's"
+        try:
+            enc = multimodal.encode_sharing(self.processor, req, first)
+        except Exception as e:  # noqa: BLE001 - a processor without the placeholder attributes
+            enc, why = None, f"{type(e).__name__}: {e}"
+        if self.sharing is None:
             full = multimodal.encode(self.processor, req)
-            if not torch.equal(full.input_ids, enc.input_ids):
-                raise RuntimeError("the processor tokenizes prompts of one media differently from "
-                                   "encode_sharing; cannot share their preprocessing")
-            self.sharing_checked = True
-        return enc
+            self.sharing = enc is not None and torch.equal(full.input_ids, enc.input_ids)
+            if not self.sharing:
+                log.warning(f"prompts of one media cannot share their preprocessing ({why}); "
+                            "each is preprocessed on its own")
+                return full
+        return enc if enc is not None else multimodal.encode(self.processor, req)
 
     def _put(self, item) -> bool:
         while not self.stop.is_set():

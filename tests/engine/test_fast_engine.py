@@ -149,6 +149,26 @@ def test_prompts_of_one_media_share_one_vision_pass_and_their_prefix(family, slo
     assert len({r.caption for r in results}) > len(reqs) // 3, "prompts of one media must differ in caption"
 
 
+def test_a_processor_the_preprocessing_shortcut_gets_wrong_is_run_per_prompt(loaded, plain_model, tmp_path,
+                                                                           monkeypatch, caplog):
+    """Checked once against the processor itself: when they differ, every prompt is preprocessed
+    on its own (one warning), and captions stay transformers' own."""
+    from pipeline.engine import multimodal
+
+    info, processor, model = loaded("llava")
+    reqs = shared_requests(info, processor, tmp_path, n_images=2)
+    real = multimodal.encode_sharing
+    monkeypatch.setattr(multimodal, "encode_sharing",
+                        lambda proc, req, like: replace(real(proc, req, like), input_ids=like.input_ids))
+    engine = FastEngine(model, processor, GenerationConfig(max_batch_size=6, max_output_length=MAX_NEW), CPU)
+    with caplog.at_level("WARNING", logger="llava_batch"):
+        results = engine.generate(reqs)
+    assert sum("cannot share their preprocessing" in r.message for r in caplog.records) == 1
+    assert engine.stats["media_encoded"] == len(reqs)  # no longer one pixel tensor per media
+    for req, res in zip(reqs, results, strict=True):
+        assert res.caption == oracle(plain_model("llava"), processor, req)[0]
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["rows", "prompts-of-one-media"])
 def test_a_failing_mixed_step_falls_back_to_separate_prefill_and_decode(shared, loaded, tmp_path, monkeypatch):
     """The new rows then prefill on their own (row by row when they must: a prompt apart from its
