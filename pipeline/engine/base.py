@@ -50,7 +50,7 @@ class Result:
 
 
 class Engine(Protocol):
-    # Counters for the shard stats (pipeline/shard.py); empty for an engine that keeps none.
+    # Counters for the shard stats (pipeline/shard/process.py); empty for an engine that keeps none.
     stats: dict[str, float]
 
     def generate(self, requests: list[Request]) -> list[Result]:

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from pipeline import shard
 from pipeline.cli import main
 from pipeline.data import deadline_pool
+from pipeline.shard import rows as shard_rows
 from pipeline.testing.demo import write_image
 from pipeline.testing.jobs import job_sections, write_job, write_manifest
 
@@ -68,16 +68,16 @@ def test_special_files_are_row_errors_and_never_opened(tiny_model, tmp_path):
 
 @pytest.fixture
 def stalled_decoder(monkeypatch):
-    """shard.py's decoder, blocking on the media whose bytes are `stall[0]` until the test ends (or, on
+    """The shard's decoder, blocking on the media whose bytes are `stall[0]` until the test ends (or, on
     code without a deadline, long enough for the row to decode and the test to fail instead of hang)."""
-    real, release, stall = shard.decode_media, threading.Event(), [b""]
+    real, release, stall = shard_rows.decode_media, threading.Event(), [b""]
 
     def decode(f, **kw):
         if f.read() == stall[0]:
             release.wait(120)
         return real(f, **kw)
 
-    monkeypatch.setattr(shard, "decode_media", decode)
+    monkeypatch.setattr(shard_rows, "decode_media", decode)
     yield stall
     release.set()
 
