@@ -130,7 +130,8 @@ def render_markdown(report: dict) -> str:
         "open_clip embeddings, open_clip's eval preprocessing and tokenizer (captions are truncated to the "
         "model's context length). A video row scores the mean over the frames the job sampled. "
         "Images come from run A's job (its path column and media_root, or its bytes column).",
-        "- Rows are matched by manifest id (the job's id_column, else row_index); rows that errored in either "
+        "- Rows are matched by manifest id (the job's id_column, else row_index; with several prompts a row, "
+        "id/prompt_name); rows that errored in either "
         "set or whose media cannot be read now are counted above and left out of every number.",
         "- std is the population standard deviation. The higher mean score wins (MindIE's llava judge).",
     ]

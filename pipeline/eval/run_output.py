@@ -70,7 +70,7 @@ def _read_captions(out: OutputDir, inp: InputConfig) -> pa.Table:
     needed = {"row_index", "caption", "status"} | ({inp.id_column} if inp.id_column else set())
     if missing := needed - names:
         raise ScoreError(f"{d}/captions lacks column(s) {', '.join(sorted(missing))}")
-    optional = {c for c in (inp.path_column, inp.kind_column) if c and c in names}
+    optional = {c for c in (inp.path_column, inp.kind_column, "prompt_name") if c and c in names}
     return dataset.to_table(columns=sorted(needed | optional)).sort_by("row_index")
 
 
@@ -79,12 +79,15 @@ def _rows(d: Path, table: pa.Table, inp: InputConfig) -> dict:
     path_col = inp.path_column if inp.path_column in cols else None
     kind_col = inp.kind_column if inp.kind_column in cols else None
     ids = cols[inp.id_column] if inp.id_column else cols["row_index"]
+    names = cols.get("prompt_name") or []
+    if any(n is not None for n in names):  # several prompts a row: a caption is (id, prompt name)
+        ids = [None if i is None else f"{i}/{n or ''}" for i, n in zip(ids, names, strict=True)]
     rows: dict = {}
     for k, key in enumerate(ids):
         if key is None or key in rows:
             what = "a null" if key is None else f"a duplicate ({key!r})"
             raise ScoreError(f"{d}: {what} manifest id in column {inp.id_column or 'row_index'}; "
-                             "rows are matched by id, so ids must be unique")
+                             "rows are matched by id (and prompt_name), so ids must be unique")
         rows[key] = Row(
             row_index=cols["row_index"][k],
             caption=cols["caption"][k] or "",

@@ -101,7 +101,8 @@ def make_run(out: Path, manifest_rows: list[dict], results: list[dict], *, manif
     for r in results:
         src = {k: v for k, v in manifest_rows[r["row_index"]].items() if k != bytes_column}
         ok = r.get("status", "ok") == "ok"
-        rows.append({**src, "row_index": r["row_index"], "caption": r["caption"] if ok else None,
+        rows.append({**src, "row_index": r["row_index"], "prompt_name": r.get("prompt_name"),
+                     "caption": r["caption"] if ok else None,
                      "status": "ok" if ok else "error", "error": None if ok else "missing file: x",
                      "n_prompt_tokens": 5, "n_output_tokens": 4, "finish_reason": "stop", "frames": None,
                      "prompt": "Describe.", "model": "tiny"})
@@ -154,6 +155,24 @@ def test_every_score_equals_open_clip_directly(ab_runs, images, clip, tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text().splitlines()
     assert md[0] == "# CLIP-score report" and md[2] == f"**Verdict:** {report['verdict']}"
     assert (tmp_path / "rep" / "score_diff_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_with_several_prompts_a_row_are_matched_by_id_and_prompt_name(images, clip, tmp_path):
+    root, names = images
+    rows = [{"key": f"img-{k}", "path": n} for k, n in enumerate(names[:3])]
+    results = [{"row_index": k, "prompt_name": p, "caption": f"{CAPTIONS_A[k]} {p}"} for k in range(3)
+               for p in ("short", "tags")]
+    a = make_run(tmp_path / "a", rows, results, manifest=tmp_path / "a.parquet", id_column="key", media_root=root)
+    b = make_run(tmp_path / "b", rows, [dict(r, caption=r["caption"] if r["prompt_name"] == "short" else "x")
+                                        for r in results], manifest=tmp_path / "b.parquet", id_column="key",
+                 media_root=root)
+    report = score(a, b, clip_model=clip.config, clip_weights=clip.bin, out_dir=tmp_path / "rep")
+    table = pq.read_table(tmp_path / "rep" / "scores.parquet").to_pylist()
+    assert sorted(r["id"] for r in table) == sorted(f"img-{k}/{p}" for k in range(3) for p in ("short", "tags"))
+    assert report["rows"]["compared"] == 6 and report["exact_match_rate"] == 0.5
+    for r in table:
+        k = int(r["id"].split("/")[0][-1])
+        assert r["score_a"] == pytest.approx(clip.oracle(load_image(root / names[k]), r["caption_a"]), abs=1e-3)
 
 
 def test_identical_captions_are_all_ties_bytes_column_and_safetensors(images, clip, tmp_path):
