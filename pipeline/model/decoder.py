@@ -12,7 +12,6 @@ fused op (pipeline/model/npu_attention.py).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -271,27 +270,26 @@ def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, 
                                                                                                strict=True))])
     step_attend = _step_attention(lm, cache, positions, window, host_lengths) if n else None
     prompt_masks = {m: prefill_mask(m, lm.sliding_window, device) for m in set(lengths)}
-    runs = _attention_calls(lengths, offsets)
-    own_slots = slots.tolist() if any(offsets) else None
+    calls, order = _prompt_calls(lengths, offsets, prefixes, slots, device)
 
     def attend(i, q, k, v, rope):  # q, k, v [tokens, 1, heads, head_dim]
         scale = lm.layers[i].layer.self_attn.scaling
         # Idle slots write garbage at position 0 here; the prompt written next overwrites its slot's.
         out = [step_attend(i, q[:n], k[:n], v[:n], (rope[0][:n], rope[1][:n]))] if n else []
         q, k, v = _rotated(lm, q[n:], k[n:], v[n:], (rope[0][n:], rope[1][n:]))  # [tokens - n, heads, 1, head_dim]
-        pieces = {}
-        for first, count, m in runs:
-            start = starts[first] - n
-            qr, kr, vr = (t[start:start + count * m].reshape(count, m, t.shape[1], -1).transpose(1, 2) for t in (q, k, v))
-            if offsets[first]:
-                att = _attend_rest(cache, i, qr, kr, vr, prefixes[first][0], own_slots[first], offsets[first],
-                                   lm.sliding_window, scale)
+        pieces = []
+        for call in calls:
+            qr, kr, vr = (t[call.rows].reshape(call.count, call.length, t.shape[1], -1).transpose(1, 2)
+                          for t in (q, k, v))
+            if call.offset:
+                att = _attend_rests(cache, i, qr, kr, vr, call, lm.sliding_window, scale)
             else:
-                cache.write_prefill(i, slots[first:first + count], kr, vr)
-                mask = prompt_masks[m]
+                cache.write_prefill(i, call.slots, kr, vr)
+                mask = prompt_masks[call.length]
                 att = _sdpa(qr, kr, vr, mask, scale, causal=mask is None)
-            pieces[first] = att.transpose(1, 2).reshape(count * m, 1, -1)
-        return torch.cat(out + [pieces[r] for r in sorted(pieces)])
+            pieces.append(att.transpose(1, 2).reshape(call.count * call.length, 1, -1))
+        packed = torch.cat(pieces)
+        return torch.cat(out + [packed if order is None else packed[order]])
 
     x = _run(lm, x, pos[:, None], attend)[:, 0]
     last = torch.tensor([s + m - 1 for s, m in zip(starts, lengths, strict=True)], device=device)
@@ -299,38 +297,55 @@ def decode_and_prefill(lm: LanguageModel, cache: KVCache, tokens: torch.Tensor, 
     return logits[:n], logits[n:]
 
 
-def _attention_calls(lengths: list[int], offsets: list[int]) -> list[tuple[int, int, int]]:
-    """(first prompt, count, length) of each attention call a layer makes for the prompts: a run of
-    consecutive whole prompts of one length in one call, each rest in its own; whole prompts first,
-    since a rest's source may be one of them."""
-    keys = [(m, 0) if not off else (m, -r - 1) for r, (m, off) in enumerate(zip(lengths, offsets, strict=True))]
-    runs = [(first, count, key[0]) for first, count, key in _equal_runs(keys)]
-    return sorted(runs, key=lambda run: offsets[run[0]] > 0)
+@dataclass(frozen=True)
+class _PromptCall:
+    """One attention call a layer makes for `count` prompts of `length` tokens each, from position
+    `offset` on: whole prompts (offset 0), or rests over their `sources`' first `offset` positions."""
+
+    rows: slice | torch.Tensor  # their tokens among the packed prompt tokens, prompt after prompt
+    count: int
+    length: int
+    offset: int
+    slots: torch.Tensor  # [count]: where their keys and values go
+    sources: torch.Tensor | None  # [count]: rests only
 
 
-def _attend_rest(cache: KVCache, layer: int, q, k, v, source: int, slot: int, offset: int,
-                 sliding_window: int | None, scale: float) -> torch.Tensor:
-    """The rest of a prompt (q, k, v [1, heads, m, head_dim] at positions offset..) over the source
-    slot's first `offset` cache positions and itself, causally; its k, v go to its own slot."""
-    m = q.shape[2]
-    cache.write_at(layer, slot, offset, k[0], v[0])
+def _prompt_calls(lengths: list[int], offsets: list[int], prefixes: list[tuple[int, int]] | None,
+                  slots: torch.Tensor, device) -> tuple[list[_PromptCall], torch.Tensor | None]:
+    """The prompts' attention calls: those of one (offset, length) together, whole prompts first
+    (a rest's source may be one of them); and the permutation putting the calls' outputs back in
+    token order (None when they already are)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for r in sorted(range(len(lengths)), key=lambda r: offsets[r] > 0):
+        groups.setdefault((offsets[r], lengths[r]), []).append(r)
+    first = [sum(lengths[:r]) for r in range(len(lengths))]
+    calls, rows = [], []
+    for (offset, length), members in groups.items():
+        tokens = [t for r in members for t in range(first[r], first[r] + length)]
+        contiguous = tokens == list(range(tokens[0], tokens[0] + len(tokens)))
+        index = torch.tensor(members, device=device)
+        sources = torch.tensor([prefixes[r][0] for r in members], device=device) if offset else None
+        calls.append(_PromptCall(slice(tokens[0], tokens[-1] + 1) if contiguous else torch.tensor(tokens, device=device),
+                                 len(members), length, offset, slots[index], sources))
+        rows += tokens
+    if rows == sorted(rows):
+        return calls, None
+    return calls, torch.argsort(torch.tensor(rows, device=device))
+
+
+def _attend_rests(cache: KVCache, layer: int, q, k, v, call: _PromptCall, sliding_window: int | None,
+                  scale: float) -> torch.Tensor:
+    """Rests of prompts (q, k, v [count, heads, m, head_dim] at positions offset..) over their
+    sources' first `offset` cache positions and themselves, causally; their k, v go to their slots."""
+    m, offset = call.length, call.offset
+    cache.write_at(layer, call.slots, offset, k, v)
     keys, values = cache.layer(layer)
     # The cache may be wider than the model (fp32 on CPU); the prefix was written from q's dtype.
-    keys = torch.cat([keys[source, :, :offset].to(q.dtype), k[0]], dim=1)[None]
-    values = torch.cat([values[source, :, :offset].to(q.dtype), v[0]], dim=1)[None]
+    keys = torch.cat([keys[call.sources, :, :offset].to(q.dtype), k], dim=2)
+    values = torch.cat([values[call.sources, :, :offset].to(q.dtype), v], dim=2)
     i = torch.arange(offset, offset + m, device=q.device)[:, None]
     j = torch.arange(offset + m, device=q.device)[None, :]
     mask = j <= i
     if sliding_window:
         mask &= j > i - sliding_window
     return _sdpa(q, keys, values, mask, scale)
-
-
-def _equal_runs(lengths: list) -> list[tuple[int, int, object]]:
-    """(first index, count, value) of each run of consecutive equal values."""
-    runs, first = [], 0
-    for m, group in itertools.groupby(lengths):
-        count = len(list(group))
-        runs.append((first, count, m))
-        first += count
-    return runs

@@ -58,11 +58,11 @@ class KVCache:
         self.data[layer, 0, slots, :, :length] = k.to(self.data.dtype)
         self.data[layer, 1, slots, :, :length] = v.to(self.data.dtype)
 
-    def write_at(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [kv_heads, length, head_dim] go to positions start..start+length-1 of one slot."""
-        stop = start + k.shape[1]
-        self.data[layer, 0, slot, :, start:stop] = k.to(self.data.dtype)
-        self.data[layer, 1, slot, :, start:stop] = v.to(self.data.dtype)
+    def write_at(self, layer: int, slots: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [n, kv_heads, length, head_dim] go to positions start..start+length-1 of `slots` [n]."""
+        stop = start + k.shape[2]
+        self.data[layer, 0, slots, :, start:stop] = k.to(self.data.dtype)
+        self.data[layer, 1, slots, :, start:stop] = v.to(self.data.dtype)
 
     def write_step(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [n, kv_heads, 1, head_dim] of the first n slots go to each one's position [n]."""

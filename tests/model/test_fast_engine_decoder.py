@@ -139,24 +139,26 @@ def test_rest_of_a_prompt_over_a_shared_prefix_equals_the_whole_prompt(name, dec
     lm = decoder.language_model(model)
     torch.manual_seed(2)
     hidden = TEXT["hidden_size"]
-    a = torch.randn(12, hidden)
+    a, a2 = torch.randn(12, hidden), torch.randn(12, hidden)
     b = torch.cat([a[:8], torch.randn(5, hidden)])  # shares 8 tokens with a (past mistral's window of 6)
     c = torch.cat([a[:8], torch.randn(3, hidden)])
-    ref = KVCache.allocate(len(lm.layers), 6, lm.kv_heads, 48, lm.head_dim, torch.float32, torch.device("cpu"))
+    b2 = torch.cat([a2[:8], torch.randn(5, hidden)])  # a rest of b's shape over another source: one call
+    ref = KVCache.allocate(len(lm.layers), 8, lm.kv_heads, 48, lm.head_dim, torch.float32, torch.device("cpu"))
     ref.data.normal_()
     cache = KVCache(ref.data.clone())
     whole = [decoder.prefill(lm, ref, p[None], torch.tensor([len(p)]), torch.tensor([s]))[0]
-             for p, s in ((a, 1), (b, 4), (c, 5))]
+             for p, s in ((a, 1), (b, 4), (c, 5), (a2, 6), (b2, 7))]
     tokens = torch.randint(0, TEXT["vocab_size"], (3,) if decoding else (0,))
     positions = torch.tensor([9, 0, 14])[:len(tokens)]
     window = window_for(14, 48)
-    _, first = decoder.decode_and_prefill(lm, cache, tokens, positions, window, [a, b[8:], c[8:]],
-                                          torch.tensor([1, 4, 5]), prefixes=[(-1, 0), (1, 8), (1, 8)])
-    cache.move(1, 4, 8)
-    cache.move(1, 5, 8)
+    _, first = decoder.decode_and_prefill(lm, cache, tokens, positions, window, [a, b[8:], c[8:], a2, b2[8:]],
+                                          torch.tensor([1, 4, 5, 6, 7]),
+                                          prefixes=[(-1, 0), (1, 8), (1, 8), (-1, 0), (6, 8)])
+    for src, dst in ((1, 4), (1, 5), (6, 7)):
+        cache.move(src, dst, 8)
     for got, want in zip(first, whole, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    for slot, n in ((1, 12), (4, 13), (5, 11)):
+    for slot, n in ((1, 12), (4, 13), (5, 11), (6, 12), (7, 13)):
         torch.testing.assert_close(cache.data[:, :, slot, :, :n], ref.data[:, :, slot, :, :n], rtol=1e-5, atol=1e-5)
     # the source already in the cache, from an earlier step (the decode rows above wrote inside its prefix)
     _, later = decoder.decode_and_prefill(lm, cache, tokens[:0], positions[:0], window, [c[8:]],
